@@ -1,0 +1,3 @@
+from symphony_jax.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Memory layer: the paged-KV block table (and, later, the KV pool and host tier)."""

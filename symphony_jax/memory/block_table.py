@@ -1,0 +1,432 @@
+"""The paged-KV block table: a pure-JAX allocator over fixed-shape arrays.
+
+A KV pool holds ``num_blocks`` blocks of ``block_size`` token slots. Each sequence slot owns a
+row of block ids (its table columns, in token order) and a token count; each block carries a
+reference count, and free blocks sit on a stack. Every operation is a pure function of the
+table, jitted, with the table donated: callers must use the returned table and drop the old.
+
+Contracts
+- Block 0 is the null block: never allocated, never freed, reference count 0. Unused table
+  entries hold 0, so anything that reads a table row reads the null block where a sequence has
+  no data (kernels mask by length; the null block's contents are never meaningful).
+- Indices that must not take effect (padding, invalid requests) are replaced by a positive
+  out-of-range sentinel and used with ``mode="drop"`` scatters or ``mode="fill"`` gathers.
+  Never -1: JAX wraps negative indices, even in those modes.
+- Batched operations take ``slots: int[B]``. A slot outside ``[0, num_slots)`` is padding, and
+  a slot repeated in a batch counts only at its first occurrence. Requests are granted
+  all-or-nothing, in batch order, stopping at the first one whose blocks do not fit: a request
+  that needs no new block always succeeds, and a request that needs blocks never jumps ahead of
+  an earlier one that could not get them (FCFS; the caller orders the batch). Failed requests
+  change nothing.
+- Blocks are shared by reference count (``fork``). Shared blocks are always full: a fork copies
+  a partial last block into a fresh block for the child and returns the (src, dst) pairs for
+  the caller to copy in the KV pool, so appends never write into a shared block.
+- Allocation pops blocks from the top of the free stack (O(blocks taken)); freeing pushes the
+  blocks whose count drops to zero. No operation scans the whole pool.
+
+Layer groups: the table has a leading group axis ``G``. Each group is an independent table with
+the same capacities (group g serves the layers ``EngineConfig.layer_groups`` assigns it), so a
+sequence can be resident in some groups only, e.g. its lower layers on the GPU and its upper
+layers still on the host. Every operation is written for one group and ``vmap``ped over the
+axis; ``groups: bool[G]`` selects the groups it touches (default all), and ``ok`` flags come
+back per group (False in untouched groups). With ``G = 1`` this is the usual single table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from symphony_jax.config import EngineConfig
+
+i32 = jnp.int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockTable:
+    """Block tables of all layer groups (shapes: G groups, S slots, MB columns, NB blocks)."""
+
+    block_ids: jax.Array  # i32[G, S, MB]  block of each slot's table column; 0 where unused
+    num_tokens: jax.Array  # i32[G, S]     tokens stored by each slot (0: empty slot)
+    ref_counts: jax.Array  # i32[G, NB]    table entries referencing each block
+    free_stack: jax.Array  # i32[G, NB]    free block ids in free_stack[:free_top]
+    free_top: jax.Array  # i32[G]          number of free blocks
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_groups(self) -> int:
+        return self.free_top.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_tokens.shape[-1]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.ref_counts.shape[-1]
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return self.block_ids.shape[-1]
+
+    @property
+    def max_tokens_per_seq(self) -> int:
+        return self.max_blocks_per_seq * self.block_size
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCopies:
+    """KV blocks to copy after a fork (shapes: G groups, B forks)."""
+
+    src: jax.Array  # i32[G, B]  block to read; 0 (null) where there is nothing to copy
+    dst: jax.Array  # i32[G, B]  block to write; num_blocks (dropped) where nothing to copy
+
+
+jax.tree_util.register_dataclass(BlockCopies, data_fields=["src", "dst"], meta_fields=[])
+
+
+def create(num_slots: int, num_blocks: int, max_blocks_per_seq: int, block_size: int,
+           num_groups: int = 1) -> BlockTable:
+    """An empty table; ``num_blocks`` includes the null block."""
+    for name, value, minimum in (("num_slots", num_slots, 1), ("num_blocks", num_blocks, 2),
+                                 ("max_blocks_per_seq", max_blocks_per_seq, 1),
+                                 ("block_size", block_size, 1), ("num_groups", num_groups, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"block_table.create: {name}={value!r}, expected an integer "
+                             f">= {minimum}")
+    # Stack bottom holds the highest id so that pops hand out low ids first.
+    stack = np.zeros(num_blocks, np.int32)
+    stack[: num_blocks - 1] = np.arange(num_blocks - 1, 0, -1)
+    per_group = lambda x: jnp.asarray(np.broadcast_to(x, (num_groups, *np.shape(x))))
+    return BlockTable(
+        block_ids=per_group(np.zeros((num_slots, max_blocks_per_seq), np.int32)),
+        num_tokens=per_group(np.zeros(num_slots, np.int32)),
+        ref_counts=per_group(np.zeros(num_blocks, np.int32)),
+        free_stack=per_group(stack),
+        free_top=per_group(np.int32(num_blocks - 1)),
+        block_size=int(block_size),
+    )
+
+
+def from_config(config: EngineConfig) -> BlockTable:
+    """The device block table of one node: a slot per schedulable sequence."""
+    return create(num_slots=config.scheduler.max_num_seqs,
+                  num_blocks=config.cache.num_device_blocks,
+                  max_blocks_per_seq=config.max_blocks_per_seq,
+                  block_size=config.cache.block_size,
+                  num_groups=config.cache.num_layer_groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single-group building blocks. In these, a BlockTable's arrays carry no group axis.
+
+
+def _cdiv(a: jax.Array, b: int) -> jax.Array:
+    return (a + b - 1) // b
+
+
+def _sentinel(index: jax.Array, bound: int, keep: jax.Array | bool = True) -> jax.Array:
+    """``index`` where ``keep`` and ``0 <= index < bound``, else ``bound`` (out of range)."""
+    return jnp.where(keep & (index >= 0) & (index < bound), index, bound)
+
+
+def _cumsum(x: jax.Array) -> jax.Array:
+    """Inclusive prefix sum of a vector. ``jnp.cumsum`` lowers to a reduce-window that XLA:CPU
+    runs in O(n^2); a parallel scan is O(n log n) on every backend."""
+    return jax.lax.associative_scan(jnp.add, x)
+
+
+def _first_valid(slots: jax.Array, num_slots: int) -> jax.Array:
+    """bool[B]: the slot is in range and does not occur earlier in the batch."""
+    order = jnp.arange(slots.shape[0], dtype=i32)
+    first = jnp.full(num_slots + 1, slots.shape[0], i32).at[slots].min(order)
+    return (slots < num_slots) & (first[slots] == order)
+
+
+def _grant(need: jax.Array, valid: jax.Array, available: jax.Array):
+    """Valid requests granted in batch order while their blocks fit (module doc).
+
+    Returns ``ok: bool[B]`` and ``offset: i32[B]``, the blocks granted to earlier requests:
+    requests that get blocks form a prefix of those needing any, so for each granted request
+    the exclusive prefix sum of valid needs counts exactly the blocks popped before its own.
+    """
+    need = jnp.where(valid, need, 0)
+    total = _cumsum(need)
+    return valid & ((total <= available) | (need == 0)), total - need
+
+
+def _pop(t: BlockTable, got: jax.Array, offset: jax.Array,
+         width: int) -> tuple[jax.Array, jax.Array]:
+    """Pop ``got[b]`` blocks (at most ``width``) for each request b, below ``offset[b]``
+    blocks taken by earlier requests: (i32[B, width] block ids, bool[B, width] taken)."""
+    k = jnp.arange(width, dtype=i32)
+    taken = k[None, :] < got[:, None]
+    position = t.free_top - 1 - (offset[:, None] + k[None, :])
+    blocks = t.free_stack.at[_sentinel(position, t.num_blocks, taken)].get(
+        mode="fill", fill_value=0)
+    return blocks, taken
+
+
+def _append(t: BlockTable, slots: jax.Array, num_new: jax.Array, valid: jax.Array,
+            width: int) -> tuple[BlockTable, jax.Array]:
+    """Grow each valid slot by ``num_new`` tokens, taking at most ``width`` new blocks each."""
+    S, NB = t.num_slots, t.num_blocks
+    old = t.num_tokens.at[slots].get(mode="fill", fill_value=0)
+    new = old + num_new
+    first_col = _cdiv(old, t.block_size)
+    need = _cdiv(new, t.block_size) - first_col
+    # Compared as num_new <= room, not old + num_new <= limit, which could overflow int32.
+    room = t.max_tokens_per_seq - old
+    valid = valid & (num_new >= 0) & (num_new <= room) & (need <= width)
+    ok, offset = _grant(need, valid, t.free_top)
+    got = jnp.where(ok, need, 0)
+    blocks, taken = _pop(t, got, offset, width)
+    rows = jnp.where(taken, slots[:, None], S)
+    cols = first_col[:, None] + jnp.arange(width, dtype=i32)[None, :]
+    return dataclasses.replace(
+        t,
+        block_ids=t.block_ids.at[rows, cols].set(blocks, mode="drop"),
+        num_tokens=t.num_tokens.at[_sentinel(slots, S, ok)].add(num_new, mode="drop"),
+        ref_counts=t.ref_counts.at[_sentinel(blocks, NB, taken)].set(1, mode="drop"),
+        free_top=t.free_top - got.sum(dtype=i32),
+    ), ok
+
+
+def _allocate_one(t, slots, num_tokens, active, width):
+    valid = active & _first_valid(slots, t.num_slots)
+    empty = t.num_tokens.at[slots].get(mode="fill", fill_value=1) == 0
+    return _append(t, slots, num_tokens, valid & empty, width)
+
+
+def _reserve_one(t, slots, num_new_tokens, active, width):
+    return _append(t, slots, num_new_tokens, active & _first_valid(slots, t.num_slots), width)
+
+
+def _free_one(t: BlockTable, slots: jax.Array, active: jax.Array) -> BlockTable:
+    S, NB, MB = t.num_slots, t.num_blocks, t.max_blocks_per_seq
+    valid = active & _first_valid(slots, S)
+    rows = t.block_ids.at[slots].get(mode="fill", fill_value=0)  # [B, MB]
+    num_blocks = _cdiv(t.num_tokens.at[slots].get(mode="fill", fill_value=0), t.block_size)
+    owned = valid[:, None] & (jnp.arange(MB, dtype=i32)[None, :] < num_blocks[:, None])
+    owned_ids = _sentinel(rows, NB, owned)
+    ref_counts = t.ref_counts.at[owned_ids].add(-1, mode="drop")
+    # A block whose count reached zero is pushed once, by the last of the freed entries that
+    # referenced it: they all write their (negative, distinct) tags with a scatter-min and only
+    # the winner reads its own tag back. Then the count is restored to zero.
+    released = owned & (ref_counts.at[owned_ids].get(mode="fill", fill_value=1) == 0)
+    released_ids = _sentinel(rows, NB, released)
+    tags = -1 - jnp.arange(rows.size, dtype=i32).reshape(rows.shape)
+    ref_counts = ref_counts.at[released_ids].min(tags, mode="drop")
+    push = released & (ref_counts.at[released_ids].get(mode="fill", fill_value=0) == tags)
+    ref_counts = ref_counts.at[released_ids].set(0, mode="drop")
+    push, rows = push.reshape(-1), rows.reshape(-1)
+    position = t.free_top + _cumsum(push.astype(i32)) - 1
+    cleared = _sentinel(slots, S, valid)
+    return dataclasses.replace(
+        t,
+        block_ids=t.block_ids.at[cleared].set(0, mode="drop"),
+        num_tokens=t.num_tokens.at[cleared].set(0, mode="drop"),
+        ref_counts=ref_counts,
+        free_stack=t.free_stack.at[_sentinel(position, NB, push)].set(rows, mode="drop"),
+        free_top=t.free_top + push.sum(dtype=i32),
+    )
+
+
+def _fork_one(t: BlockTable, src: jax.Array, dst: jax.Array, active: jax.Array):
+    S, NB, MB, bs = t.num_slots, t.num_blocks, t.max_blocks_per_seq, t.block_size
+    length = t.num_tokens.at[src].get(mode="fill", fill_value=0)
+    dst_empty = t.num_tokens.at[dst].get(mode="fill", fill_value=1) == 0
+    valid = active & (src < S) & (length > 0) & _first_valid(dst, S) & dst_empty
+    num_full, partial = length // bs, length % bs != 0
+    ok, offset = _grant(partial.astype(i32), valid, t.free_top)
+    got = (ok & partial).astype(i32)
+    new_block = _pop(t, got, offset, 1)[0][:, 0]
+    src_rows = t.block_ids.at[src].get(mode="fill", fill_value=0)  # [B, MB]
+    cols = jnp.arange(MB, dtype=i32)[None, :]
+    shared = ok[:, None] & (cols < num_full[:, None])
+    copied = (got[:, None] == 1) & (cols == num_full[:, None])
+    dst_rows = jnp.where(shared, src_rows, jnp.where(copied, new_block[:, None], 0))
+    last = jnp.take_along_axis(src_rows, jnp.minimum(num_full, MB - 1)[:, None], axis=1)[:, 0]
+    copy_src = jnp.where(got == 1, last, 0)
+    copy_dst = jnp.where(got == 1, new_block, NB)
+    written = _sentinel(dst, S, ok)
+    return dataclasses.replace(
+        t,
+        block_ids=t.block_ids.at[written].set(dst_rows, mode="drop"),
+        num_tokens=t.num_tokens.at[written].set(length, mode="drop"),
+        ref_counts=(t.ref_counts.at[_sentinel(src_rows, NB, shared)].add(1, mode="drop")
+                    .at[copy_dst].set(1, mode="drop")),
+        free_top=t.free_top - got.sum(dtype=i32),
+    ), ok, BlockCopies(copy_src, copy_dst)
+
+
+def _slot_mapping_one(t: BlockTable, slots: jax.Array, positions: jax.Array) -> jax.Array:
+    length = t.num_tokens.at[slots].get(mode="fill", fill_value=0)
+    valid = (positions >= 0) & (positions < length)
+    column = jnp.where(valid, positions // t.block_size, 0)
+    block = t.block_ids.at[slots, column].get(mode="fill", fill_value=0)
+    return jnp.where(valid, block * t.block_size + positions % t.block_size,
+                     t.num_blocks * t.block_size)
+
+
+def _can_allocate_one(t: BlockTable, num_tokens: jax.Array, active: jax.Array) -> jax.Array:
+    valid = active & (num_tokens >= 0) & (num_tokens <= t.max_tokens_per_seq)
+    return _grant(_cdiv(num_tokens, t.block_size), valid, t.free_top)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The public, group-batched API.
+
+
+def _over_groups(fn, table: BlockTable, groups: jax.Array | None, *args, **static):
+    """Run the single-group ``fn(table, *args, active)`` on every group; ``args`` are shared."""
+    active = jnp.ones(table.num_groups, bool) if groups is None else groups
+    per_group = functools.partial(fn, **static)
+    return jax.vmap(per_group, in_axes=(0, *([None] * len(args)), 0))(table, *args, active)
+
+
+def _batch(op: str, **arrays) -> list[jax.Array]:
+    """Check that batch arguments are integer vectors of one length, as int32."""
+    out, length = [], None
+    for name, value in arrays.items():
+        if not isinstance(value, (jax.Array, np.ndarray)):
+            value = np.asarray(value)
+        if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
+            raise ValueError(f"block_table.{op}: {name} must be a 1-D integer array, got "
+                             f"{value.dtype}{list(value.shape)}")
+        if length is not None and value.shape[0] != length:
+            raise ValueError(f"block_table.{op}: {name} has length {value.shape[0]}, expected "
+                             f"{length} like {next(iter(arrays))}")
+        length = value.shape[0]
+        if value.dtype != np.int32:
+            if isinstance(value, np.ndarray) and value.size and (
+                    value.min() < np.iinfo(np.int32).min or value.max() > np.iinfo(np.int32).max):
+                raise ValueError(f"block_table.{op}: {name} has values outside int32")
+            value = value.astype(np.int32)
+        out.append(value)
+    return out
+
+
+def _check_groups(op: str, table: BlockTable, groups) -> jax.Array | None:
+    if groups is None:
+        return None
+    if not isinstance(groups, (jax.Array, np.ndarray)):
+        groups = np.asarray(groups)
+    if groups.shape != (table.num_groups,) or groups.dtype != bool:
+        raise ValueError(f"block_table.{op}: groups must be bool[{table.num_groups}], got "
+                         f"{groups.dtype}{list(groups.shape)}")
+    return groups
+
+
+def _width(op: str, table: BlockTable, max_new_blocks: int | None) -> int:
+    if max_new_blocks is None:
+        return table.max_blocks_per_seq
+    if not isinstance(max_new_blocks, int) or not 1 <= max_new_blocks <= table.max_blocks_per_seq:
+        raise ValueError(f"block_table.{op}: max_new_blocks={max_new_blocks!r}, expected None "
+                         f"or an integer in [1, {table.max_blocks_per_seq}]")
+    return max_new_blocks
+
+
+@functools.partial(jax.jit, donate_argnames="table", static_argnames="width")
+def _allocate(table, slots, num_tokens, groups, width):
+    slots = _sentinel(slots, table.num_slots)
+    return _over_groups(_allocate_one, table, groups, slots, num_tokens, width=width)
+
+
+@functools.partial(jax.jit, donate_argnames="table", static_argnames="width")
+def _reserve(table, slots, num_new_tokens, groups, width):
+    slots = _sentinel(slots, table.num_slots)
+    return _over_groups(_reserve_one, table, groups, slots, num_new_tokens, width=width)
+
+
+@functools.partial(jax.jit, donate_argnames="table")
+def _free(table, slots, groups):
+    return _over_groups(_free_one, table, groups, _sentinel(slots, table.num_slots))
+
+
+@functools.partial(jax.jit, donate_argnames="table")
+def _fork(table, src, dst, groups):
+    src, dst = _sentinel(src, table.num_slots), _sentinel(dst, table.num_slots)
+    return _over_groups(_fork_one, table, groups, src, dst)
+
+
+@jax.jit
+def _slot_mapping(table, slots, positions):
+    slots = _sentinel(slots, table.num_slots)
+    return jax.vmap(_slot_mapping_one, in_axes=(0, None, None))(table, slots, positions)
+
+
+@jax.jit
+def _can_allocate(table, num_tokens, groups):
+    return _over_groups(_can_allocate_one, table, groups, num_tokens)
+
+
+def allocate(table: BlockTable, slots, num_tokens, groups=None, *,
+             max_new_blocks: int | None = None) -> tuple[BlockTable, jax.Array]:
+    """Give empty slots room for their first ``num_tokens`` tokens.
+
+    Returns the table and ``ok: bool[G, B]``. A request fails (and changes nothing) if its slot
+    is not empty, its length exceeds the table width, it needs more than ``max_new_blocks``
+    blocks (static; default: the table width), or its blocks do not fit (module doc).
+    """
+    slots, num_tokens = _batch("allocate", slots=slots, num_tokens=num_tokens)
+    return _allocate(table, slots, num_tokens, _check_groups("allocate", table, groups),
+                     width=_width("allocate", table, max_new_blocks))
+
+
+def reserve(table: BlockTable, slots, num_new_tokens, groups=None, *,
+            max_new_blocks: int | None = None) -> tuple[BlockTable, jax.Array]:
+    """Append ``num_new_tokens`` tokens to each slot, allocating the blocks they need.
+
+    A decode step reserves 1 token per running sequence (``max_new_blocks=1`` then bounds the
+    work by the batch size); a prefill chunk reserves its length. An empty slot is allocated.
+    Returns the table and ``ok: bool[G, B]``; failures are as for ``allocate``.
+    """
+    slots, num_new_tokens = _batch("reserve", slots=slots, num_new_tokens=num_new_tokens)
+    return _reserve(table, slots, num_new_tokens, _check_groups("reserve", table, groups),
+                    width=_width("reserve", table, max_new_blocks))
+
+
+def free(table: BlockTable, slots, groups=None) -> BlockTable:
+    """Release the slots: their blocks lose a reference, blocks left unreferenced become free."""
+    (slots,) = _batch("free", slots=slots)
+    return _free(table, slots, _check_groups("free", table, groups))
+
+
+def fork(table: BlockTable, src, dst, groups=None) -> tuple[BlockTable, jax.Array, BlockCopies]:
+    """Make each empty slot ``dst[b]`` a copy of the sequence in slot ``src[b]``.
+
+    Full blocks are shared by reference count; a partial last block is given a fresh block,
+    and ``copies`` names the (src, dst) block pairs whose KV the caller must copy. Fails for an
+    empty source, a non-empty or repeated destination, or no free block for the copy.
+    Returns the table, ``ok: bool[G, B]`` and the copies.
+    """
+    src, dst = _batch("fork", src=src, dst=dst)
+    return _fork(table, src, dst, _check_groups("fork", table, groups))
+
+
+def slot_mapping(table: BlockTable, slots, positions) -> jax.Array:
+    """i32[G, T]: flat KV slot (``block * block_size + offset``) of each token in each group.
+
+    Token t is at position ``positions[t]`` of the sequence in ``slots[t]``; positions outside
+    the sequence's reserved tokens map to ``num_blocks * block_size``, out of range, so that a
+    ``mode="drop"`` scatter of padding tokens writes nothing.
+    """
+    slots, positions = _batch("slot_mapping", slots=slots, positions=positions)
+    return _slot_mapping(table, slots, positions)
+
+
+def num_free_blocks(table: BlockTable) -> jax.Array:
+    """i32[G]: free blocks per group."""
+    return table.free_top
+
+
+def can_allocate(table: BlockTable, num_tokens, groups=None) -> jax.Array:
+    """bool[G, B]: which of a batch of new requests ``allocate`` would grant, in this order."""
+    (num_tokens,) = _batch("can_allocate", num_tokens=num_tokens)
+    return _can_allocate(table, num_tokens, _check_groups("can_allocate", table, groups))

@@ -1,0 +1,202 @@
+"""The block table driven by random operations, against the plain-Python allocator.
+
+After every step: the structural invariants of the block table hold in every group, and the
+table agrees with the model (ok flags, token counts, free counts, and block ids up to a
+renaming: the same entries share a block in both).
+"""
+
+import hypothesis.strategies as st
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from symphony_jax.memory import block_table as bt
+from symphony_jax.memory.py_allocator import PyBlockAllocator
+
+S, NB, MB, BS = 6, 14, 4, 4  # tight: 13 usable blocks, 6 slots of up to 4 blocks
+B, T = 4, 8  # batch of requests, tokens in a slot-mapping query
+
+slot_lists = st.lists(st.integers(-1, S + 1), min_size=B, max_size=B)
+token_lists = st.lists(st.integers(-1, MB * BS + 2), min_size=B, max_size=B)
+small_token_lists = st.lists(st.integers(-1, 2 * BS), min_size=B, max_size=B)
+
+
+def snapshot(table: bt.BlockTable) -> dict[str, np.ndarray]:
+    # Copies: the table's buffers are donated to (and reused by) the next operation.
+    return {name: np.array(getattr(table, name), copy=True)
+            for name in ("block_ids", "num_tokens", "ref_counts", "free_stack", "free_top")}
+
+
+class BlockTableMachine(RuleBasedStateMachine):
+    num_groups = 1
+
+    def __init__(self):
+        super().__init__()
+        self.table = bt.create(S, NB, MB, BS, num_groups=self.num_groups)
+        self.models = [PyBlockAllocator(S, NB, MB, BS) for _ in range(self.num_groups)]
+
+    def draw_groups(self, data):
+        if self.num_groups == 1:
+            return None, [True]
+        mask = data.draw(st.lists(st.booleans(), min_size=self.num_groups,
+                                  max_size=self.num_groups))
+        return np.array(mask), mask
+
+    def expect(self, active, call):
+        return [call(model) if on else [False] * B for model, on in zip(self.models, active)]
+
+    def check_failures_change_nothing(self, before, after, ok, slots):
+        for g in range(self.num_groups):
+            granted = {s for s, granted in zip(slots, ok[g]) if granted}
+            failed = sorted({s for s in slots if 0 <= s < S} - granted)
+            if not granted:
+                for name in before:
+                    np.testing.assert_array_equal(before[name][g], after[name][g], name)
+            np.testing.assert_array_equal(before["block_ids"][g, failed],
+                                          after["block_ids"][g, failed])
+            np.testing.assert_array_equal(before["num_tokens"][g, failed],
+                                          after["num_tokens"][g, failed])
+
+    @rule(data=st.data(), slots=slot_lists, num_tokens=token_lists)
+    def allocate(self, data, slots, num_tokens):
+        groups, active = self.draw_groups(data)
+        before = snapshot(self.table)
+        self.table, ok = bt.allocate(self.table, slots, num_tokens, groups)
+        expected = self.expect(active, lambda m: m.allocate(slots, num_tokens))
+        assert np.asarray(ok).tolist() == expected
+        self.check_failures_change_nothing(before, snapshot(self.table), expected, slots)
+
+    @rule(data=st.data(), slots=slot_lists, num_new=small_token_lists,
+          max_new_blocks=st.sampled_from([None, 1]))
+    def reserve(self, data, slots, num_new, max_new_blocks):
+        groups, active = self.draw_groups(data)
+        before = snapshot(self.table)
+        self.table, ok = bt.reserve(self.table, slots, num_new, groups,
+                                    max_new_blocks=max_new_blocks)
+        expected = self.expect(active, lambda m: m.reserve(slots, num_new, max_new_blocks))
+        assert np.asarray(ok).tolist() == expected
+        self.check_failures_change_nothing(before, snapshot(self.table), expected, slots)
+
+    def draw_slots(self, data, preferred: list[int]) -> list[int]:
+        """B slots, mostly from ``preferred``, some anywhere (padding and repeats included)."""
+        likely = st.sampled_from(preferred) if preferred else st.integers(0, S - 1)
+        return data.draw(st.lists(st.one_of(likely, likely, likely, st.integers(-1, S + 1)),
+                                  min_size=B, max_size=B))
+
+    @rule(data=st.data())
+    def fork(self, data):
+        occupied = [s for s in range(S) if any(m.tokens[s] for m in self.models)]
+        src = self.draw_slots(data, occupied)
+        dst = self.draw_slots(data, self.empty_slots())
+        groups, active = self.draw_groups(data)
+        self.table, ok, copies = bt.fork(self.table, src, dst, groups)
+        for g, (model, on) in enumerate(zip(self.models, active)):
+            expected_ok, expected_copies = model.fork(src, dst) if on else ([False] * B, [])
+            assert np.asarray(ok[g]).tolist() == expected_ok
+            copy_src, copy_dst = np.asarray(copies.src[g]), np.asarray(copies.dst[g])
+            copied = copy_dst != NB
+            assert copied.sum() == len(expected_copies)
+            assert (copy_src[~copied] == 0).all()
+            # Each copy reads the source's last block and writes the child's last block.
+            table = snapshot(self.table)
+            for b in np.flatnonzero(copied):
+                last = table["num_tokens"][g, dst[b]] // BS
+                assert copy_dst[b] == table["block_ids"][g, dst[b], last]
+                assert copy_src[b] == table["block_ids"][g, src[b], last]
+
+    @rule(data=st.data(), slots=slot_lists)
+    def free(self, data, slots):
+        groups, active = self.draw_groups(data)
+        self.table = bt.free(self.table, slots, groups)
+        for model, on in zip(self.models, active):
+            if on:
+                model.free(slots)
+
+    def empty_slots(self) -> list[int]:
+        return [s for s in range(S) if all(m.tokens[s] == 0 for m in self.models)]
+
+    @precondition(lambda self: max(m.num_free_blocks for m in self.models) < MB
+                  and self.empty_slots())
+    @rule(data=st.data())
+    def allocate_beyond_free_blocks_changes_nothing(self, data):
+        slot = data.draw(st.sampled_from(self.empty_slots()))
+        too_many = (max(m.num_free_blocks for m in self.models) + 1) * BS
+        before = snapshot(self.table)
+        self.table, ok = bt.allocate(self.table, [slot], [too_many])
+        assert not np.asarray(ok).any()
+        after = snapshot(self.table)
+        for name in before:
+            np.testing.assert_array_equal(before[name], after[name], name)
+
+    @rule(slots=st.lists(st.integers(-1, S), min_size=T, max_size=T),
+          positions=st.lists(st.integers(-1, MB * BS), min_size=T, max_size=T))
+    def slot_mapping_matches_model(self, slots, positions):
+        mapping = np.asarray(bt.slot_mapping(self.table, slots, positions))
+        renaming = self.block_renaming()
+        for g, model in enumerate(self.models):
+            expected = [m if m == NB * BS else renaming[g, m // BS] * BS + m % BS
+                        for m in model.slot_mapping(slots, positions)]
+            assert mapping[g].tolist() == expected
+
+    def block_renaming(self) -> dict[tuple[int, int], int]:
+        """(group, model block) -> table block; asserts it is one-to-one over live entries."""
+        table = snapshot(self.table)
+        forward, backward = {}, {}
+        for g, model in enumerate(self.models):
+            for slot, row in enumerate(model.blocks):
+                for col, model_block in enumerate(row):
+                    block = int(table["block_ids"][g, slot, col])
+                    assert forward.setdefault((g, model_block), block) == block
+                    assert backward.setdefault((g, block), model_block) == model_block
+        return forward
+
+    @invariant()
+    def structure_holds(self):
+        table = snapshot(self.table)
+        for g in range(self.num_groups):
+            block_ids, tokens = table["block_ids"][g], table["num_tokens"][g]
+            ref_counts, top = table["ref_counts"][g], int(table["free_top"][g])
+            live = np.arange(MB)[None, :] < -(-tokens // BS)[:, None]
+            assert (block_ids[~live] == 0).all(), "unused entries point at the null block"
+            assert (block_ids[live] > 0).all() and (block_ids[live] < NB).all()
+            for row, n in zip(block_ids, live.sum(1)):
+                assert len(set(row[:n])) == n, "a row holds a block twice"
+            references = np.bincount(block_ids[live], minlength=NB)
+            np.testing.assert_array_equal(ref_counts, references, "reference counts")
+            free = table["free_stack"][g, :top]
+            assert len(set(free.tolist())) == top, "a block is free twice"
+            assert 0 not in free, "the null block was freed"
+            assert (ref_counts[free] == 0).all(), "a referenced block is free"
+            assert top + (ref_counts > 0).sum() == NB - 1, "free + used == capacity"
+
+    @invariant()
+    def agrees_with_model(self):
+        table = snapshot(self.table)
+        for g, model in enumerate(self.models):
+            assert int(table["free_top"][g]) == model.num_free_blocks
+            assert table["num_tokens"][g].tolist() == [model.tokens[s] for s in range(S)]
+        self.block_renaming()
+
+    def teardown(self):
+        """Freeing every slot restores the initial state (up to the order of the free stack)."""
+        self.table = bt.free(self.table, np.arange(S))
+        table = snapshot(self.table)
+        assert (table["free_top"] == NB - 1).all()
+        for g in range(self.num_groups):
+            assert sorted(table["free_stack"][g, : NB - 1].tolist()) == list(range(1, NB))
+        assert not table["block_ids"].any() and not table["num_tokens"].any()
+        assert not table["ref_counts"].any()
+
+
+class MultiGroupBlockTableMachine(BlockTableMachine):
+    """Three layer groups; every operation touches a random subset of them."""
+
+    num_groups = 3
+
+
+STEPS = settings(max_examples=8, stateful_step_count=200,
+                 suppress_health_check=[HealthCheck.large_base_example, HealthCheck.too_slow])
+TestBlockTable = BlockTableMachine.TestCase
+TestBlockTable.settings = STEPS
+TestMultiGroupBlockTable = MultiGroupBlockTableMachine.TestCase
+TestMultiGroupBlockTable.settings = STEPS

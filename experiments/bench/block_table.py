@@ -19,12 +19,8 @@ Usage: ``python experiments/bench/block_table.py [--quick] [--out FILE.md]``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import os
-import platform
-import sys
 import time
 from collections.abc import Callable
 
@@ -32,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _report  # beside this script
 from symphony_jax.config import model_preset
 from symphony_jax.memory import block_table as bt
 from symphony_jax.memory.py_allocator import PyBlockAllocator
@@ -257,24 +254,13 @@ def bench_fused(w: Workload, attend: bool) -> dict[str, np.ndarray]:
     return time_interleaved(w, with_update=run_with_update, without=run_without)
 
 
-def machine() -> str:
-    """The processor model and core count, as far as the platform tells."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def report(w: Workload, attention_steps: int) -> str:
     one, many = bench_tables(w, nodes=1, groups=1), bench_tables(w, nodes=8, groups=8)
     fused = {"attention": bench_fused(dataclasses.replace(w, steps=attention_steps), True),
              "KV write only": bench_fused(w, False)}
     us = lambda s: f"{s * 1e6:,.1f} us"
     lines = [
-        f"JAX {jax.__version__} on {jax.devices()[0].platform} ({machine()}), "
+        f"JAX {jax.__version__} on {jax.devices()[0].platform} ({_report.machine()}), "
         f"{datetime.date.today()}. {w.num_slots} slots, "
         f"{w.num_blocks} blocks of {w.block_size} per table; {w.churn} sequences restart every "
         f"{w.churn_every} steps. Mean per step (churn amortised) and median step, after "
@@ -297,18 +283,8 @@ def report(w: Workload, attention_steps: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument("--out", help="also write the report to this markdown file")
-    args = parser.parse_args(argv)
-    w = QUICK if args.quick else Workload()
-    text = report(w, attention_steps=w.steps if args.quick else 64)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            command = " ".join(["python", "experiments/bench/block_table.py", *(argv or sys.argv[1:])])
-            f.write(f"# Block table vs plain-Python allocator\n\n`{command}`\n\n{text}\n")
-    return text
+    return _report.main(__file__, __doc__, lambda quick: report(
+        QUICK if quick else Workload(), attention_steps=QUICK.steps if quick else 64), argv)
 
 
 if __name__ == "__main__":

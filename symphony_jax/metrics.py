@@ -77,7 +77,7 @@ class _Table:
         self._validate()
 
     def _fail(self, field: str, index: int, values: np.ndarray, expected: str) -> None:
-        raise ValueError(f"{self.name}.{field}[{int(index)}]={values[index]!r}: expected "
+        raise ValueError(f"{self.name}.{field}[{int(index)}]={values[index].item()!r}: expected "
                          f"{expected}")
 
     def _require(self, field: str, bad: np.ndarray, expected: str) -> None:

@@ -118,8 +118,8 @@ class Schedule:
 
     @functools.cached_property
     def closed_loop(self) -> bool:
-        """True if some row waits for another's finish."""
-        return bool(np.any(self.chain_step > 0))
+        """True if some row or advisory waits for a row's finish."""
+        return bool(np.any(self.chain_step > 0) or np.any(self.advisories.trigger_row >= 0))
 
     @functools.cached_property
     def _chain_order(self) -> np.ndarray:
@@ -180,8 +180,8 @@ class Schedule:
     def replay(self, service_s=None) -> tuple[Events, np.ndarray]:
         """Every event, given each row's service time; also each row's arrival time (f64[T]).
 
-        ``service_s`` (f64[T], s from arrival to finish) is required for closed loop; open-loop
-        arrivals do not depend on it, and triggered advisories (none in open loop) need it.
+        ``service_s`` (f64[T], s from arrival to finish) is required for closed loop; nothing in
+        an open-loop schedule depends on it.
         """
         n = self.num_rows
         if service_s is None:

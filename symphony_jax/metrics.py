@@ -243,10 +243,19 @@ def advisory_lead_s(r: RequestRecords) -> np.ndarray:
 
 
 def tbt_s(tokens: TokenRecords) -> np.ndarray:
-    """f64: gaps between consecutive tokens of each request (K - requests values)."""
-    order = np.lexsort((tokens.time_s, tokens.request_id))
-    same = tokens.request_id[order][1:] == tokens.request_id[order][:-1]
-    return np.diff(tokens.time_s[order])[same]
+    """f64: gaps between consecutive tokens of each request (K - requests values).
+
+    Records already grouped by request in time order (as an executor appends them) are used
+    as they are; others are sorted first.
+    """
+    ids, times = tokens.request_id, tokens.time_s
+    same = ids[1:] == ids[:-1]
+    gaps = np.diff(times)
+    if np.any(ids[1:] < ids[:-1]) or np.any(same & (gaps < 0)):
+        order = np.lexsort((times, ids))
+        ids, times = ids[order], times[order]
+        same, gaps = ids[1:] == ids[:-1], np.diff(times)
+    return gaps[same]
 
 
 def distribution(values: np.ndarray, percentiles=PERCENTILES) -> dict[str, float]:

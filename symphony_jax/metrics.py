@@ -41,15 +41,19 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
 PERCENTILES = (50, 90, 99)
 
 
-def _col(dtype: str, unit: str, doc: str):
-    return dataclasses.field(metadata={"dtype": np.dtype(dtype), "unit": unit, "doc": doc})
+def _col(dtype: str, unit: str, doc: str, *, minimum: float | None = None,
+         nan: bool = False):
+    """A column: its dtype, unit and meaning; values >= ``minimum``; floats finite unless
+    ``nan`` allows NaN (for "never" or "none")."""
+    return dataclasses.field(metadata={"dtype": np.dtype(dtype), "unit": unit, "doc": doc,
+                                       "minimum": minimum, "nan": nan})
 
 
 class _Table:
@@ -74,6 +78,13 @@ class _Table:
                 raise ValueError(f"{self.name}.{f.name}: expected {dtype} values ({e})") from None
             column.flags.writeable = False
             object.__setattr__(self, f.name, column)
+            if dtype.kind == "f":
+                allowed = np.isnan(column) if f.metadata["nan"] else False
+                self._require(f.name, ~np.isfinite(column) & ~allowed,
+                              "a finite number" + (" or NaN" if f.metadata["nan"] else ""))
+            if f.metadata["minimum"] is not None:
+                self._require(f.name, column < f.metadata["minimum"],
+                              f"a value >= {f.metadata['minimum']}")
         self._validate()
 
     def _fail(self, field: str, index: int, values: np.ndarray, expected: str) -> None:
@@ -127,25 +138,24 @@ class RequestRecords(_Table):
     name: ClassVar[str] = "RequestRecords"
     request_id: np.ndarray = _col("i8", "", "unique id of the request")
     session_id: np.ndarray = _col("i8", "", "session it belongs to")
-    turn_index: np.ndarray = _col("i8", "", "0-based turn of the session")
-    node: np.ndarray = _col("i8", "", "node that served it; -1: never placed")
+    turn_index: np.ndarray = _col("i8", "", "0-based turn of the session", minimum=0)
+    node: np.ndarray = _col("i8", "", "node that served it; -1: never placed", minimum=-1)
     arrival_s: np.ndarray = _col("f8", "s", "when the request reached the system")
-    advisory_s: np.ndarray = _col("f8", "s", "when its first advisory arrived; NaN: none")
-    first_token_s: np.ndarray = _col("f8", "s", "when its first output token was produced; NaN: none")
-    finish_s: np.ndarray = _col("f8", "s", "when its last output token was produced; NaN: never")
-    input_tokens: np.ndarray = _col("i8", "tokens", "prompt: session history plus new input")
-    output_tokens: np.ndarray = _col("i8", "tokens", "tokens generated (so far, if unfinished)")
-    prefill_tokens: np.ndarray = _col("i8", "tokens", "prompt tokens computed (prefill), all passes")
-    recomputed_tokens: np.ndarray = _col("i8", "tokens", "of those, history tokens recomputed")
+    advisory_s: np.ndarray = _col("f8", "s", "when its first advisory arrived; NaN: none", nan=True)
+    first_token_s: np.ndarray = _col("f8", "s", "first output token produced; NaN: none", nan=True)
+    finish_s: np.ndarray = _col("f8", "s", "last output token produced; NaN: never", nan=True)
+    input_tokens: np.ndarray = _col("i8", "tokens", "prompt: session history plus new input",
+                                    minimum=0)
+    output_tokens: np.ndarray = _col("i8", "tokens", "tokens generated (so far, if unfinished)",
+                                     minimum=0)
+    prefill_tokens: np.ndarray = _col("i8", "tokens", "prompt tokens computed, all passes",
+                                      minimum=0)
+    recomputed_tokens: np.ndarray = _col("i8", "tokens", "of those, history tokens recomputed",
+                                         minimum=0)
 
     def _validate(self) -> None:
         first, finish = self.first_token_s, self.finish_s
         self._require("request_id", np.diff(np.sort(self.request_id)) == 0, "unique ids")
-        self._require("arrival_s", ~np.isfinite(self.arrival_s), "a finite time")
-        for field in ("turn_index", "input_tokens", "output_tokens", "prefill_tokens",
-                      "recomputed_tokens"):
-            self._require(field, getattr(self, field) < 0, "a value >= 0")
-        self._require("node", self.node < -1, "a node index or -1")
         self._require("first_token_s", first < self.arrival_s, ">= arrival_s (or NaN)")
         self._require("finish_s", ~np.isnan(finish) & ~(finish >= first),
                       ">= first_token_s, which must be set (or NaN)")
@@ -167,9 +177,6 @@ class TokenRecords(_Table):
     request_id: np.ndarray = _col("i8", "", "request that generated it")
     time_s: np.ndarray = _col("f8", "s", "when it was produced")
 
-    def _validate(self) -> None:
-        self._require("time_s", ~np.isfinite(self.time_s), "a finite time")
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StepRecords(_Table):
@@ -177,17 +184,11 @@ class StepRecords(_Table):
 
     name: ClassVar[str] = "StepRecords"
     time_s: np.ndarray = _col("f8", "s", "when the sample was taken")
-    node: np.ndarray = _col("i8", "", "node index")
-    load: np.ndarray = _col("f8", "", "the load being balanced, e.g. requests running + queued")
-    device_bytes: np.ndarray = _col("i8", "bytes", "K,V held in device memory")
-    host_bytes: np.ndarray = _col("i8", "bytes", "K,V held in host memory")
-
-    def _validate(self) -> None:
-        self._require("time_s", ~np.isfinite(self.time_s), "a finite time")
-        self._require("node", self.node < 0, "a node index >= 0")
-        self._require("load", ~(self.load >= 0), "a load >= 0")
-        for field in ("device_bytes", "host_bytes"):
-            self._require(field, getattr(self, field) < 0, "a value >= 0")
+    node: np.ndarray = _col("i8", "", "node index", minimum=0)
+    load: np.ndarray = _col("f8", "", "the load being balanced, e.g. requests running + queued",
+                             minimum=0)
+    device_bytes: np.ndarray = _col("i8", "bytes", "K,V held in device memory", minimum=0)
+    host_bytes: np.ndarray = _col("i8", "bytes", "K,V held in host memory", minimum=0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -197,19 +198,15 @@ class TransferRecords(_Table):
     name: ClassVar[str] = "TransferRecords"
     session_id: np.ndarray = _col("i8", "", "session whose K,V moves")
     request_id: np.ndarray = _col("i8", "", "request it prepares; -1: none followed")
-    src_node: np.ndarray = _col("i8", "", "source node; -1: the destination's host memory")
-    dst_node: np.ndarray = _col("i8", "", "destination node")
-    bytes: np.ndarray = _col("i8", "bytes", "size")
+    src_node: np.ndarray = _col("i8", "", "source node; -1: the destination's host memory",
+                               minimum=-1)
+    dst_node: np.ndarray = _col("i8", "", "destination node", minimum=0)
+    bytes: np.ndarray = _col("i8", "bytes", "size", minimum=0)
     start_s: np.ndarray = _col("f8", "s", "when it started")
-    end_s: np.ndarray = _col("f8", "s", "when it completed; NaN: never")
+    end_s: np.ndarray = _col("f8", "s", "when it completed; NaN: never", nan=True)
 
     def _validate(self) -> None:
-        self._require("start_s", ~np.isfinite(self.start_s), "a finite time")
-        self._require("end_s", ~np.isnan(self.end_s) & ~(self.end_s >= self.start_s),
-                      ">= start_s (or NaN)")
-        self._require("bytes", self.bytes < 0, "a value >= 0")
-        self._require("src_node", self.src_node < -1, "a node index or -1")
-        self._require("dst_node", self.dst_node < 0, "a node index >= 0")
+        self._require("end_s", self.end_s < self.start_s, ">= start_s (or NaN)")
 
 
 # ---------------------------------------------------------------- per-request latencies

@@ -1,4 +1,4 @@
-"""Argument checks shared by the workload modules.
+"""Argument checks and array helpers shared by the workload modules.
 
 A bad value raises ``ValueError`` naming its owner, the field, the value and what is allowed.
 Columns are converted to read-only 1-D numpy arrays of an explicit dtype; integer columns
@@ -55,3 +55,32 @@ def column(owner: str, field: str, values: Any, dtype: type, length: int | None 
 
 def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
+
+
+def positions_in_groups(sizes: np.ndarray) -> np.ndarray:
+    """i64[sum(sizes)]: 0, 1, ..., sizes[0]-1, 0, 1, ..., sizes[1]-1, ... (rank within group)."""
+    sizes = np.asarray(sizes, np.int64)
+    return np.arange(sizes.sum(), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+
+
+def cumsum_in_groups(values: np.ndarray, sizes: np.ndarray, *,
+                     exclusive: bool = False) -> np.ndarray:
+    """Running sums along axis 0 that restart at each group of consecutive rows.
+
+    ``sizes`` are the group lengths (summing to ``len(values)``); ``exclusive`` leaves each
+    row's own value out.
+    """
+    values, sizes = np.asarray(values), np.asarray(sizes, np.int64)
+    total = np.cumsum(values, axis=0)
+    starts = (np.cumsum(sizes) - sizes)[sizes > 0]
+    running = total - np.repeat((total - values)[starts], sizes[sizes > 0], axis=0)
+    return running - values if exclusive else running
+
+
+def run_lengths(keys: np.ndarray) -> np.ndarray:
+    """i64[G]: lengths of the runs of equal consecutive values of ``keys`` (rows grouped)."""
+    keys = np.asarray(keys)
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    boundaries = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+    return np.diff(np.concatenate([[0], boundaries, [len(keys)]])).astype(np.int64)

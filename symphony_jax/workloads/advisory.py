@@ -36,7 +36,7 @@ import dataclasses
 import numpy as np
 
 from symphony_jax.workloads import _random
-from symphony_jax.workloads._checks import check_number, column, fail
+from symphony_jax.workloads._checks import check_number, column, fail, positions_in_groups
 
 # Streams of keyed draws, one per decision.
 _DROP, _LATE, _FALSE_COUNT, _FALSE_AT = 11, 12, 13, 14
@@ -145,7 +145,7 @@ def false_advisories(session_id: np.ndarray, turn_index: np.ndarray, window_s: n
     mean = f / (1.0 - f) * (1.0 - config.drop_fraction) * per_row
     counts = _random.poisson(mean, seed, _FALSE_COUNT, session_id, turn_index)
     anchor = np.repeat(np.arange(len(session_id), dtype=np.int64), counts)
-    k = np.arange(len(anchor), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    k = positions_in_groups(counts)
     offset = _random.uniform(seed, _FALSE_AT, session_id[anchor], turn_index[anchor], k) * \
         window_s[anchor]
     if anchor_arrival_s is None:

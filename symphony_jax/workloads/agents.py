@@ -33,7 +33,7 @@ import dataclasses
 import numpy as np
 
 from symphony_jax.workloads import _random
-from symphony_jax.workloads._checks import check_number, fail
+from symphony_jax.workloads._checks import check_number, cumsum_in_groups, fail, run_lengths
 from symphony_jax.workloads.advisory import (AdvisoryConfig, Advisories, apply_config,
                                              false_advisories)
 from symphony_jax.workloads.schedule import Schedule
@@ -192,10 +192,7 @@ def _hop_advisories(graph: CallGraph, job, step, role, session, turn, rows_of, p
     num_roles = len(graph.roles)
     callees = graph.transitions[:, :num_roles] > 0  # bool[K, K]
     # calls of each role so far in the job, this one included
-    counts = np.cumsum(np.eye(num_roles, dtype=np.int64)[role], axis=0)
-    job_start = np.flatnonzero(step == 0)
-    counts -= np.repeat(counts[job_start] - np.eye(num_roles, dtype=np.int64)[role[job_start]],
-                        np.diff(np.append(job_start, len(job))), axis=0)
+    counts = cumsum_in_groups(np.eye(num_roles, dtype=np.int64)[role], run_lengths(job))
     upstream, callee = np.nonzero(callees[role])
     following = np.append(job[1:] == job[:-1], False)  # the next row is the same job's next call
     nxt = np.minimum(np.arange(len(job)) + 1, len(job) - 1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from symphony_jax.workloads import _random
-from symphony_jax.workloads._checks import check_number, fail
+from symphony_jax.workloads._checks import check_number, fail, positions_in_groups
 from symphony_jax.workloads.advisory import (AdvisoryConfig, Advisories, apply_config,
                                              false_advisories, lead_before)
 from symphony_jax.workloads.schedule import Schedule
@@ -49,7 +49,7 @@ def closed_loop(workload: Workload, num_users: int, *, think: ThinkTime = ThinkT
     order = np.argsort(chain, kind="stable")
     per_user = np.bincount(chain, minlength=num_users)
     step = np.empty_like(rows)
-    step[order] = rows - np.repeat(np.cumsum(per_user) - per_user, per_user)
+    step[order] = positions_in_groups(per_user)
     prev = np.full_like(rows, -1)
     same_user = chain[order][1:] == chain[order][:-1]
     prev[order[1:][same_user]] = order[:-1][same_user]

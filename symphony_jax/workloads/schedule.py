@@ -29,7 +29,8 @@ import functools
 
 import numpy as np
 
-from symphony_jax.workloads._checks import column, fail
+from symphony_jax.workloads._checks import (column, cumsum_in_groups, fail, positions_in_groups,
+                                            run_lengths)
 from symphony_jax.workloads.advisory import Advisories
 from symphony_jax.workloads.session import Workload
 
@@ -172,8 +173,7 @@ class Schedule:
         order, starts = self._by_trigger
         lo, hi = starts[rows + 1], starts[rows + 2]
         counts = hi - lo
-        first = np.repeat(lo - (np.cumsum(counts) - counts), counts)
-        advisory = order[first + np.arange(counts.sum(), dtype=np.int64)]
+        advisory = order[np.repeat(lo, counts) + positions_in_groups(counts)]
         return self._events(nxt[arriving], finish[arriving] + self.gap_s[nxt[arriving]], advisory,
                             np.repeat(finish, counts) + self.advisories.offset_s[advisory])
 
@@ -194,10 +194,8 @@ class Schedule:
         head = self.prev_row[order] < 0
         # arrival = chain's head time + sum over earlier chain rows of (service + next gap)
         step = self.gap_s[order] + np.where(head, 0.0, service[self.prev_row[order]])
-        total = np.cumsum(step)
-        base = (total - step)[head]  # running sum before each chain's head
         arrival = np.empty(n)
-        arrival[order] = total - np.repeat(base, np.diff(np.append(np.flatnonzero(head), n)))
+        arrival[order] = cumsum_in_groups(step, run_lengths(self.chain[order]))
         adv = self.advisories
         triggered = adv.trigger_row >= 0
         finish = arrival + service

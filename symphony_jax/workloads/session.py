@@ -32,7 +32,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from symphony_jax.workloads._checks import column, fail
+from symphony_jax.workloads._checks import (column, cumsum_in_groups, fail, positions_in_groups,
+                                            run_lengths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +137,7 @@ class Workload:
     @functools.cached_property
     def session_starts(self) -> np.ndarray:
         """i64[S + 1]: the turns of the s-th session are rows ``starts[s]:starts[s + 1]``."""
-        ids = self.session_id
-        if not len(ids):
-            return np.zeros(1, np.int64)
-        boundaries = np.flatnonzero(ids[1:] != ids[:-1]) + 1
-        return np.concatenate([[0], boundaries, [len(ids)]]).astype(np.int64)
+        return np.concatenate([[0], np.cumsum(run_lengths(self.session_id))]).astype(np.int64)
 
     @property
     def num_sessions(self) -> int:
@@ -159,15 +156,13 @@ class Workload:
     @functools.cached_property
     def turn_index(self) -> np.ndarray:
         """i64[T]: 0-based position of each turn in its session."""
-        return np.arange(self.num_turns, dtype=np.int64) - np.repeat(
-            self.session_starts[:-1], self.turns_per_session)
+        return positions_in_groups(self.turns_per_session)
 
     @functools.cached_property
     def history_tokens(self) -> np.ndarray:
         """i64[T]: tokens of all earlier turns of the session (inputs and outputs)."""
-        exchanged = self.input_tokens + self.output_tokens
-        total = np.cumsum(exchanged) - exchanged  # exclusive running sum over all rows
-        return total - np.repeat(total[self.session_starts[:-1]], self.turns_per_session)
+        return cumsum_in_groups(self.input_tokens + self.output_tokens, self.turns_per_session,
+                                exclusive=True)
 
     @property
     def prompt_tokens(self) -> np.ndarray:

@@ -30,7 +30,8 @@ import dataclasses
 import numpy as np
 
 from symphony_jax.workloads import _random
-from symphony_jax.workloads._checks import check_number, fail
+from symphony_jax.workloads._checks import (check_number, cumsum_in_groups, fail,
+                                            positions_in_groups)
 from symphony_jax.workloads.session import Workload
 
 _TURNS, _INPUT, _OUTPUT = 21, 22, 23  # streams of keyed draws
@@ -83,11 +84,11 @@ def sharegpt_like(num_sessions: int, config: ShareGPTLike = ShareGPTLike(),
     extra = np.floor(np.log(u) / np.log1p(-p)).astype(np.int64) if p < 1 else 0
     turns = np.where(multi, 2 + extra, 1)
     session_id = np.repeat(sessions, turns)
-    turn = np.arange(len(session_id), dtype=np.int64) - np.repeat(np.cumsum(turns) - turns, turns)
-    inputs = _random.lognormal_tokens(config.mean_input_tokens, config.input_sigma, seed, _INPUT,
-                               session_id, turn)
-    outputs = _random.lognormal_tokens(config.mean_output_tokens, config.output_sigma, seed, _OUTPUT,
-                                session_id, turn)
+    turn = positions_in_groups(turns)
+    inputs = _random.lognormal_tokens(config.mean_input_tokens, config.input_sigma, seed,
+                                      _INPUT, session_id, turn)
+    outputs = _random.lognormal_tokens(config.mean_output_tokens, config.output_sigma, seed,
+                                       _OUTPUT, session_id, turn)
     workload = Workload(session_id, inputs, outputs)
     if config.max_context_tokens is None:
         return workload
@@ -102,7 +103,5 @@ def truncate_to_context(workload: Workload, max_context_tokens: int) -> Workload
     w = workload
     too_long = w.prompt_tokens + w.output_tokens > max_context_tokens
     # once a turn is too long, it and the rest of its session go
-    overflowed = np.cumsum(too_long) - np.repeat(
-        (np.cumsum(too_long) - too_long)[w.session_starts[:-1]], w.turns_per_session)
-    return w.select_rows(overflowed == 0)
+    return w.select_rows(cumsum_in_groups(too_long, w.turns_per_session) == 0)
 

@@ -22,6 +22,7 @@ import dataclasses
 
 import numpy as np
 
+from symphony_jax.workloads._checks import cumsum_in_groups, positions_in_groups, run_lengths
 from symphony_jax.workloads.session import Workload
 
 
@@ -49,7 +50,7 @@ class TraceRequests:
 def to_workload(trace: TraceRequests, *, drop_failed: bool = False) -> Workload:
     """The trace's sessions as a ``Workload`` with arrival times (see the module docstring)."""
     order, session, prompt = _session_turns(trace, drop_failed)
-    first = _firsts(session)
+    first = positions_in_groups(run_lengths(session)) == 0
     output = trace.output_tokens[order]
     held = np.where(first, 0, np.roll(prompt + output, 1))
     times = trace.timestamp_s[order]
@@ -84,25 +85,16 @@ def _session_turns(trace: TraceRequests,
                    trace.num_sessions + np.arange(len(trace), dtype=np.int64))
     order = rows[np.lexsort((rows, trace.timestamp_s[rows], key[rows]))]
     session = key[order]
-    first = _firsts(session)
-    step = trace.output_tokens[order] + 1
-    before = np.cumsum(step) - step
-    consumed = before - np.repeat(before[first], np.diff(np.append(np.flatnonzero(first),
-                                                                   len(order))))
+    sizes = run_lengths(session)
+    consumed = cumsum_in_groups(trace.output_tokens[order] + 1, sizes, exclusive=True)
     slack = trace.input_tokens[order] - consumed
-    rank = np.cumsum(first) - 1
+    rank = np.repeat(np.arange(len(sizes)), sizes)
     low, span = (int(slack.min()), int(slack.max() - slack.min()) + 1) if len(slack) else (0, 1)
     if len(slack) and int(rank[-1]) * span >= 2**62:
         raise ValueError(f"{trace.path}: too many sessions or tokens for int64 arithmetic")
     lifted = slack - low + rank * span  # increasing from one session to the next
     slack = np.maximum.accumulate(lifted) - rank * span + low
     return order, session, slack + consumed
-
-
-def _firsts(session: np.ndarray) -> np.ndarray:
-    """bool: the first row of each session (rows grouped by session)."""
-    return np.append(True, session[1:] != session[:-1]) if len(session) else \
-        np.zeros(0, bool)
 
 
 def inter_turn_gaps(trace: TraceRequests) -> np.ndarray:

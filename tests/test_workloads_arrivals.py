@@ -205,3 +205,32 @@ def test_bad_arguments_are_named():
         closed_loop(Workload([0, 0], [1, 1], [1, 1]), 1).replay()
     with pytest.raises(ValueError, match="after_finish.rows"):
         closed_loop(w, 1).after_finish([5], [1.0])
+
+
+@settings(max_examples=15)
+@given(drop=st.floats(0.0, 1.0), false=st.floats(0.0, 0.9), seed=st.integers(0, 2**31))
+def test_drop_and_false_counts_within_bounds_for_any_rates(drop, false, seed):
+    w = sharegpt_like(1500, seed=seed)
+    n = w.num_turns
+    adv = closed_loop(w, 16, advisories=AdvisoryConfig(drop_fraction=drop,
+                                                       false_fraction=false), seed=seed).advisories
+    sent_true = np.sum(adv.target_row >= 0)
+    expected_false = n * false * (1 - drop) / (1 - false)
+    assert abs(sent_true - n * (1 - drop)) <= 6 * np.sqrt(n * drop * (1 - drop)) + 1
+    assert abs(np.sum(adv.target_row < 0) - expected_false) <= 6 * np.sqrt(expected_false) + 1
+
+
+def test_schedule_rejects_inconsistent_chains():
+    from symphony_jax.workloads import Advisories, Schedule
+    w = Workload([0, 0], [1, 1], [1, 1])
+    none = Advisories([], [], [], [], [], [])
+    with pytest.raises(ValueError, match=r"chain_step\[1\]=2: expected 0, 1, 2"):
+        Schedule(w, chain=[0, 0], chain_step=[0, 2], gap_s=[0.0, 1.0], advisories=none)
+    with pytest.raises(ValueError, match=r"row 1.*to come after the session's previous turn"):
+        Schedule(Workload([0, 0, 1], [1, 1, 1], [1, 1, 1]), chain=[0, 1, 1],
+                 chain_step=[0, 0, 1], gap_s=[0.0, 1.0, 1.0], advisories=none)
+    with pytest.raises(ValueError, match="Schedule.gap_s"):
+        Schedule(w, chain=[0, 0], chain_step=[0, 1], gap_s=[0.0, -1.0], advisories=none)
+    wrong = Advisories([-1], [0.0], [0], [0], [1], [False])  # row 1 is turn 1, not turn 0
+    with pytest.raises(ValueError, match="the session and turn of each target"):
+        Schedule(w, chain=[0, 0], chain_step=[0, 1], gap_s=[0.0, 1.0], advisories=wrong)

@@ -5,6 +5,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from symphony_jax.workloads import Session, Turn, Workload
 
@@ -78,3 +80,19 @@ def test_workloads_and_metrics_do_not_import_jax():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "False"
+
+
+@settings(max_examples=40)
+@given(st.dictionaries(st.integers(-5, 50), st.lists(
+    st.tuples(st.integers(1, 10**6), st.integers(1, 10**6)), min_size=1, max_size=6),
+    max_size=8))
+def test_views_round_trip_and_history_is_a_running_sum(sessions):
+    objects = [Session(i, tuple(Turn(a, b) for a, b in turns)) for i, turns in sessions.items()]
+    w = Workload.from_sessions(objects)
+    assert list(w.sessions()) == sorted(objects, key=lambda s: s.session_id)
+    for position, session in enumerate(w.sessions()):
+        rows = slice(w.session_starts[position], w.session_starts[position + 1])
+        running = 0
+        for turn, history in zip(session.turns, w.history_tokens[rows]):
+            assert history == running
+            running += turn.input_tokens + turn.output_tokens

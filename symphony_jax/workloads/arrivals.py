@@ -1,6 +1,6 @@
 """Chat arrival processes: closed loop (N concurrent users) and open loop (trace timestamps).
 
-**Closed loop** (SYMPHONY's load axis is the number of concurrent users, NSDI'26 §5). User
+**Closed loop** (SYMPHONY's load axis is the number of concurrent users). User
 ``u`` of ``N`` replays the sessions at positions ``u, u + N, u + 2N, ...`` (in ``session_id``
 order) back to back. After each response the user thinks (``ThinkTime``: reads the answer,
 idles for the extra gap, types the next prompt), then sends the next turn, which may be the

@@ -75,9 +75,10 @@ class Schedule:
     advisories: Advisories
 
     def __post_init__(self):
-        owner, n = "Schedule", self.workload.num_turns
+        owner = "Schedule"
         if not isinstance(self.workload, Workload):
             fail(owner, "workload", self.workload, "a Workload")
+        n = self.workload.num_turns
         object.__setattr__(self, "chain", column(owner, "chain", self.chain, np.int64, n))
         object.__setattr__(self, "chain_step", column(owner, "chain_step", self.chain_step,
                                                       np.int64, n, minimum=0))
@@ -86,10 +87,11 @@ class Schedule:
             fail(owner, "gap_s", "<non-finite>", "finite gaps")
         object.__setattr__(self, "gap_s", gap)
         order = self._chain_order
-        same_chain = self.chain[order][1:] == self.chain[order][:-1]
-        expected = np.where(same_chain, self.chain_step[order][:-1] + 1, 0)
-        if n and (self.chain_step[order][0] != 0 or np.any(self.chain_step[order][1:] != expected)):
-            fail(owner, "chain_step", "<steps>", "0, 1, 2, ... along every chain")
+        expected = positions_in_groups(run_lengths(self.chain[order]))
+        if np.any(self.chain_step[order] != expected):
+            bad = int(order[np.flatnonzero(self.chain_step[order] != expected)[0]])
+            fail(owner, f"chain_step[{bad}]", int(self.chain_step[bad]),
+                 "0, 1, 2, ... along every chain")
         self._check_sessions_follow_chains()
         adv = self.advisories
         if len(adv) and (adv.trigger_row.max() >= n or adv.target_row.max() >= n):

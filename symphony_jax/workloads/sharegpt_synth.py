@@ -6,7 +6,7 @@ its published shape:
 
 - **Turns per conversation**: mean 3.51 (ShareGPT: 94,145 conversations, 330,239 turns; LMSYS-
   Chat-1M, arXiv 2309.11998, Table 1, reproduced in ShareChat, arXiv 2512.17843) and 73% of
-  conversations multi-turn (CachedAttention, arXiv 2403.19708, §2). Both are *calibrated
+  conversations multi-turn (CachedAttention, arXiv 2403.19708). Both are *calibrated
   targets*. Model: a conversation is single-turn with probability 0.27; otherwise it has
   ``2 + G`` turns with ``G`` geometric on {0, 1, ...}, whose mean 2.44 makes the overall mean
   3.51. The tail is then about 3% of conversations above 10 turns (WildChat-1M reports 3.7%,

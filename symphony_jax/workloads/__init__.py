@@ -10,6 +10,20 @@ numpy only (no JAX): the real cluster and the simulator consume the same objects
 - ``sharegpt_synth``: a ShareGPT-like generator calibrated to published statistics.
 - ``agents``: multi-agent jobs on a call graph with next-hop advisories.
 - ``traces``: loaders for Mooncake, RAGPulse, Azure LLM 2023, BurstGPT and ShareGPT files.
+
+Typical use by an executor (the simulator or the real cluster)::
+
+    from symphony_jax import workloads as wl
+
+    work = wl.sharegpt_like(1000, seed=0)                  # or traces.to_workload(...)
+    schedule = wl.closed_loop(work, num_users=64,
+                              advisories=wl.AdvisoryConfig(drop_fraction=0.1), seed=0)
+    events = schedule.initial_events()                     # arrivals and advisories, in time
+    ...                                                    # serve; when rows finish:
+    events = schedule.after_finish(finished_rows, finish_times)
+
+``Events.row`` indexes ``schedule.workload`` (its ``prompt_tokens``, ``history_tokens``,
+``output_tokens``); an advisory's ``row`` is -1 when no such request follows.
 """
 
 from symphony_jax.workloads.advisory import AdvisoryConfig, Advisories

@@ -140,7 +140,8 @@ def agent_schedule(graph: CallGraph, num_jobs: int, *, jobs_per_s: float = 0.5,
     upstream = np.where(first, _random.lognormal_tokens(graph.mean_task_tokens, 0.5, seed,
                                                         _TASK, job, step), np.roll(output, 1))
     inputs = _random.lognormal_tokens(roles_in, sigma, seed, _INSTRUCTIONS, job, step) + upstream
-    # Workload rows in (session, turn) order; within a session, steps come in order.
+    # Arrays so far are in call order (job, step); the workload's rows are in (session, turn)
+    # order: workload row i is call order[i], and call c is workload row rows_of[c].
     order = np.lexsort((step, session))
     rows_of = np.empty_like(order)
     rows_of[order] = np.arange(len(order))
@@ -155,16 +156,14 @@ def agent_schedule(graph: CallGraph, num_jobs: int, *, jobs_per_s: float = 0.5,
     prev = np.where(first, -1, rows_of[np.maximum(np.arange(len(job)) - 1, 0)])
 
     intended, keys = _hop_advisories(graph, job, step, role, session, turn, rows_of, prev, gap)
-    chain_gap = np.empty_like(gap)
-    chain_gap[rows_of] = gap
-    chain_prev = np.empty_like(prev)
-    chain_prev[rows_of] = prev
-    sent = apply_config(intended, keys, advisories, seed, chain_prev, chain_gap)
+    # from here on, arrays are in workload row order
+    sent = apply_config(intended, keys, advisories, seed, prev[order], gap[order])
     per_row = float(np.sum(intended.target_row >= 0)) / max(len(job), 1)
     extras = false_advisories(workload.session_id, workload.turn_index,
                               np.full(len(job), graph.tool_gap_s), per_row, advisories, seed,
                               None)
-    return Schedule(workload, job[order], step[order], chain_gap, Advisories.concat(sent, extras))
+    return Schedule(workload, job[order], step[order], gap[order],
+                    Advisories.concat(sent, extras))
 
 
 def _walk(graph: CallGraph, num_jobs: int, max_steps: int,

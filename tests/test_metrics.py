@@ -1,5 +1,6 @@
 """Metrics against hand-computed examples, including the edge cases."""
 
+import json
 import math
 
 import numpy as np
@@ -214,3 +215,20 @@ def test_summary_printer(capsys):
     assert "slo_attainment" in text and "0.5" in text
     assert "ttft_s.p50" in text
     assert M.format_summary({"x": nan}).split()[-1] == "-"
+
+
+@pytest.mark.parametrize("suffix", ["csv", "json"])
+def test_tables_are_written_as_plain_files(tmp_path, suffix):
+    table = M.redundant_by_turn(requests())
+    path = tmp_path / f"turns.{suffix}"
+    M.write_table(path, table)
+    if suffix == "csv":
+        assert path.read_text().splitlines()[:2] == [
+            "turn_index,requests,prefill_tokens,recomputed_tokens,redundant_fraction",
+            "0,3,150,0,0.0"]
+    else:
+        assert json.loads(path.read_text())["redundant_fraction"] == [0.0, 0.6]
+    with pytest.raises(ValueError, match="equal-length"):
+        M.write_table(path, {"a": [1, 2], "b": [1]})
+    with pytest.raises(ValueError, match=".csv or .json"):
+        M.write_table(tmp_path / "x.txt", table)

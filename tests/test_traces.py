@@ -203,8 +203,8 @@ BURST_V1 = """Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Ty
 118.0,ChatGPT,417,276,693,Conversation log
 """
 
-BURST_V3 = """Timestamp,Session ID,Elapsed time,Model,Request tokens,Response tokens,Total tokens,Log Type
-19440110.0,1722ac82-aaaa,43,GPT-4,906,446,1352,Conversation log
+BURST_V3 = ("Timestamp,Session ID,Elapsed time,Model,Request tokens,Response tokens,"
+            "Total tokens,Log Type\n") + """19440110.0,1722ac82-aaaa,43,GPT-4,906,446,1352,Conversation log
 19440111.0,,2.5,ChatGPT,36,10,46,API log
 19440200.0,1722ac82-aaaa,20,GPT-4,1400,300,1700,Conversation log
 19440300.0,99ffee00-bbbb,,ChatGPT,50,0,50,Conversation log

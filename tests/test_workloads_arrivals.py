@@ -1,14 +1,16 @@
 """Chat schedules: closed loop against a plain event-loop reference, open loop, advisory knobs."""
 
 import heapq
+import pathlib
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from symphony_jax.workloads import (ADVISORY, ARRIVAL, AdvisoryConfig, ExponentialGap, ThinkTime,
-                                    Workload, closed_loop, open_loop, sharegpt_like)
+from symphony_jax.workloads import (ADVISORY, ARRIVAL, Advisories, AdvisoryConfig, EmpiricalGap,
+                                    ExponentialGap, NoGap, Schedule, ThinkTime, Workload,
+                                    closed_loop, open_loop, sharegpt_like, traces)
 
 THINK = ThinkTime(reading_wpm=240.0, typing_wpm=60.0, tokens_per_word=1.0)  # 0.25 s, 1 s a token
 
@@ -221,7 +223,6 @@ def test_drop_and_false_counts_within_bounds_for_any_rates(drop, false, seed):
 
 
 def test_schedule_rejects_inconsistent_chains():
-    from symphony_jax.workloads import Advisories, Schedule
     w = Workload([0, 0], [1, 1], [1, 1])
     none = Advisories([], [], [], [], [], [])
     with pytest.raises(ValueError, match=r"chain_step\[1\]=2: expected 0, 1, 2"):
@@ -234,3 +235,23 @@ def test_schedule_rejects_inconsistent_chains():
     wrong = Advisories([-1], [0.0], [0], [0], [1], [False])  # row 1 is turn 1, not turn 0
     with pytest.raises(ValueError, match="the session and turn of each target"):
         Schedule(w, chain=[0, 0], chain_step=[0, 1], gap_s=[0.0, 1.0], advisories=wrong)
+
+
+def test_extra_gaps_exponential_and_empirical_from_a_trace():
+    ragpulse = traces.load_ragpulse(pathlib.Path(__file__).resolve().parents[1] / "experiments" /
+                                    "data" / "ragpulse" / "0_trace.jsonl")
+    observed = traces.inter_turn_gaps(ragpulse)
+    w = sharegpt_like(20_000, seed=1)
+    follow = w.turn_index > 0
+    base = closed_loop(w, 100, think=ThinkTime(extra=NoGap()), seed=7).gap_s[follow]
+    for extra in (ExponentialGap(30.0), EmpiricalGap(observed)):
+        gap = closed_loop(w, 100, think=ThinkTime(extra=extra), seed=7).gap_s[follow]
+        added = gap - base
+        assert added.min() >= 0
+        if isinstance(extra, EmpiricalGap):
+            assert np.isin(np.round(added, 6), np.round(observed, 6)).all()
+            assert np.median(added) == pytest.approx(np.median(observed), rel=0.1)
+        else:
+            assert added.mean() == pytest.approx(30.0, rel=0.05)
+    with pytest.raises(ValueError, match="EmpiricalGap.samples_s"):
+        EmpiricalGap(np.array([]))

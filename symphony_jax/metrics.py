@@ -19,7 +19,7 @@ Definitions (R requests; "finished" means ``finish_s`` is not NaN):
   token while a TTFT bound is set, misses it; a one-token request has no TPOT and passes a TPOT
   bound. SLO attainment = requests meeting it / requests that arrived in the window (so
   unfinished ones count against it). Goodput = finished requests meeting it per second.
-- The window defaults to [first arrival, last finish]. Throughput counts requests finishing in
+- The window defaults to [first arrival, last arrival or finish]. Throughput counts requests finishing in
   the window and their output and prefill tokens, divided by the window's length (with token
   records, output tokens are the tokens generated in the window).
 - Advisory lead = arrival_s - advisory_s (negative for a late advisory; NaN without one).
@@ -298,11 +298,11 @@ def meets_slo(r: RequestRecords, slo: SLO) -> np.ndarray:
 
 
 def default_window(r: RequestRecords) -> tuple[float, float]:
-    """[first arrival, last finish] (NaN, NaN without requests; end NaN if none finished)."""
+    """[first arrival, last arrival or finish]; (NaN, NaN) without requests."""
     if not len(r):
         return math.nan, math.nan
-    finished = r.finish_s[r.finished]
-    return float(r.arrival_s.min()), float(finished.max()) if len(finished) else math.nan
+    last_finish = np.nanmax(r.finish_s, initial=-np.inf)
+    return float(r.arrival_s.min()), float(max(r.arrival_s.max(), last_finish))
 
 
 def _in(times: np.ndarray, window: tuple[float, float]) -> np.ndarray:

@@ -66,6 +66,9 @@ def test_slo_attainment_and_goodput():
     # an explicit window: only request 10 finishes in [0, 2]; requests 10, 12, 13 arrive in it
     assert M.throughput(r, window=(0.0, 2.0))["requests_per_s"] == 0.5
     assert M.slo_attainment(r, M.SLO(ttft_s=0.3), window=(0.0, 2.0)) == pytest.approx(1 / 3)
+    # an unfinished request arriving after the last finish still counts against the SLO
+    late = requests(arrival_s=[0.0, 10.0, 1.0, 20.0], advisory_s=[nan] * 4)
+    assert M.summarize(late, slo=M.SLO(ttft_s=0.3))["slo_attainment"] == 0.5
     tokens = M.TokenRecords(request_id=[10, 10, 12], time_s=[0.5, 1.9, 2.5])
     assert M.throughput(r, window=(0.0, 2.0), tokens=tokens)["output_tokens_per_s"] == 1.0
 
@@ -81,7 +84,7 @@ def test_empty_windows_and_empty_records():
     assert math.isnan(summary["ttft_s.p99"]) and math.isnan(summary["slo_attainment"])
     assert math.isnan(summary["redundant_fraction"])
     never = requests(finish_s=[nan] * 4, first_token_s=[nan] * 4, output_tokens=[0] * 4)
-    assert math.isnan(M.throughput(never)["requests_per_s"])  # no finish: no window end
+    assert M.throughput(never)["requests_per_s"] == 0.0  # window [0, 10]: nothing finished
     assert M.slo_attainment(never, M.SLO(e2e_s=100.0)) == 0.0
 
 

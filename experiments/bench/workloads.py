@@ -16,18 +16,16 @@ smaller sizes, a smoke test).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import os
 import pathlib
 import platform
-import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
 
+import _report  # beside this script
 from symphony_jax import metrics as M
 from symphony_jax import workloads as wl
 from symphony_jax.workloads import traces
@@ -163,22 +161,10 @@ def bench_metrics(s: Sizes) -> list[tuple[str, str, float]]:
     return [(prefix + name, "compute", best_of(s.repeats, fn)) for name, fn in cases]
 
 
-def machine() -> str:
-    """CPU model, cores, Python and numpy versions (no JAX involved)."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"numpy {np.__version__}, {datetime.date.today().isoformat()}")
-
-
 def report(s: Sizes) -> str:
     rows = bench_workloads(s) + bench_traces() + bench_metrics(s)
-    lines = [f"{machine()}. Best of {s.repeats} run(s).", "",
+    lines = [f"{_report.machine()}, Python {platform.python_version()}, numpy {np.__version__}, "
+             f"{datetime.date.today().isoformat()}. Best of {s.repeats} run(s).", "",
              "| what | step | time |", "|---|---|---|"]
     for name, step, seconds in rows:
         shown = f"{seconds * 1e6:,.1f} us" if seconds < 1e-3 else f"{seconds:,.3f} s"
@@ -187,18 +173,8 @@ def report(s: Sizes) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10x smaller sizes (a smoke test)")
-    parser.add_argument("--out", help="also write the report to this markdown file")
-    args = parser.parse_args(argv)
-    text = report(QUICK if args.quick else Sizes())
-    print(text)
-    if args.out:
-        command = " ".join(["python", "experiments/bench/workloads.py",
-                            *(sys.argv[1:] if argv is None else argv)])
-        with open(args.out, "w") as f:
-            f.write(f"# Workloads and metrics on a CPU\n\n`{command}`\n\n{text}\n")
-    return text
+    return _report.main(__file__, __doc__, lambda quick: report(QUICK if quick else Sizes()),
+                        argv)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 Layer 0 of symphony-jax: imports ``jax`` only, never ``symphony_jax``.
 
-KV layout (one layer; the model stacks layers in front)::
+KV layout (one layer)::
 
     k_pages, v_pages: [num_kv_heads, num_blocks, block_size, head_dim]
+
+A model stacks its layers in front, ``[layers, num_kv_heads, ...]``, and passes the whole
+stack with ``layer=l``: the kernels read layer ``l``'s pages in place, so a layer loop (a
+``lax.scan`` carrying the pools) never copies a layer's pool out for the kernel.
 
 A *block* (page) holds ``block_size`` consecutive tokens of one sequence. Head-major, so that
 one head's page is a contiguous ``[block_size, head_dim]`` tile: a kernel program, which owns

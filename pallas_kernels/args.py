@@ -30,18 +30,27 @@ def _integer_vector(op: str, name: str, x, length: int | None = None) -> None:
         raise ValueError(f"{op}: {name} has length {_shape(x)[0]}, expected {length}")
 
 
-def check_pool(op: str, q, k_pages, v_pages, block_tables, num_seqs: int) -> None:
+def check_pool(op: str, q, k_pages, v_pages, block_tables, num_seqs: int, layer) -> None:
     """q: [tokens, num_heads, head_dim]; pools: [num_kv_heads, num_blocks, block_size,
-    head_dim]; block_tables: int[num_seqs, max_blocks_per_seq]."""
+    head_dim], or that stacked over layers with ``layer`` naming one; block_tables:
+    int[num_seqs, max_blocks_per_seq]."""
     if len(_shape(q)) != 3:
         raise ValueError(f"{op}: q must be [tokens, num_heads, head_dim], got shape {_shape(q)}")
-    if len(_shape(k_pages)) != 4:
+    if len(_shape(k_pages)) not in (4, 5):
         raise ValueError(f"{op}: k_pages must be [num_kv_heads, num_blocks, block_size, "
-                         f"head_dim], got shape {_shape(k_pages)}")
+                         f"head_dim] or stacked [layers, ...], got shape {_shape(k_pages)}")
     if _shape(v_pages) != _shape(k_pages):
         raise ValueError(f"{op}: v_pages has shape {_shape(v_pages)}, expected k_pages' "
                          f"{_shape(k_pages)}")
-    num_kv_heads, _, _, head_dim = _shape(k_pages)
+    stacked = len(_shape(k_pages)) == 5
+    if stacked != (layer is not None):
+        raise ValueError(f"{op}: layer={layer!r} with pools of shape {_shape(k_pages)}: pass "
+                         "layer= exactly when the pools are stacked over layers")
+    layer_value = _concrete(layer) if stacked else None
+    if layer_value is not None and not 0 <= layer_value < _shape(k_pages)[0]:
+        raise ValueError(f"{op}: layer={layer_value} is outside the {_shape(k_pages)[0]} "
+                         "stacked layers")
+    num_kv_heads, _, _, head_dim = _shape(k_pages)[-4:]
     if _shape(q)[2] != head_dim:
         raise ValueError(f"{op}: q has head_dim {_shape(q)[2]}, the pools {head_dim}")
     if _shape(q)[1] % num_kv_heads:
@@ -72,20 +81,21 @@ def _check_fits_table(op: str, name: str, lengths, block_tables, block_size: int
                          f"[{values.min()}, {values.max()}]")
 
 
-def check_decode(q, k_pages, v_pages, block_tables, lengths) -> None:
+def check_decode(q, k_pages, v_pages, block_tables, lengths, layer) -> None:
     op = "paged_decode_attention"
-    check_pool(op, q, k_pages, v_pages, block_tables, num_seqs=_shape(q)[0] if _shape(q) else 0)
+    check_pool(op, q, k_pages, v_pages, block_tables, _shape(q)[0] if _shape(q) else 0, layer)
     _integer_vector(op, "lengths", lengths, _shape(q)[0])
-    _check_fits_table(op, "lengths", lengths, block_tables, _shape(k_pages)[2])
+    _check_fits_table(op, "lengths", lengths, block_tables, _shape(k_pages)[-2])
 
 
-def check_prefill(q, k_pages, v_pages, block_tables, context_lens, query_start_loc) -> None:
+def check_prefill(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
+                  layer) -> None:
     op = "paged_prefill_attention"
     _integer_vector(op, "context_lens", context_lens)
     num_seqs = _shape(context_lens)[0]
-    check_pool(op, q, k_pages, v_pages, block_tables, num_seqs)
+    check_pool(op, q, k_pages, v_pages, block_tables, num_seqs, layer)
     _integer_vector(op, "query_start_loc", query_start_loc, num_seqs + 1)
-    _check_fits_table(op, "context_lens", context_lens, block_tables, _shape(k_pages)[2])
+    _check_fits_table(op, "context_lens", context_lens, block_tables, _shape(k_pages)[-2])
     starts, contexts = _concrete(query_start_loc), _concrete(context_lens)
     if starts is None or contexts is None:
         return

@@ -27,10 +27,10 @@ from jax.experimental.pallas import triton as pl_triton
 from pallas_kernels import tiles
 
 
-def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+def _kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
             scale_log2: float, pages_per_block: int, pages_per_split: int):
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    block_size = k_ref.shape[2]
+    block_size = k_ref.shape[-2]
     length = lengths_ref[seq]
     num_pages = jnp.minimum(pl.cdiv(length, block_size), tables_ref.shape[1])
     first_page = split * pages_per_split
@@ -40,8 +40,8 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *
 
     def attend_block(j, state):
         start = first_page + j * pages_per_block
-        k, v = tiles.load_pages(tables_ref, k_ref, v_ref, seq, head, start, num_pages,
-                                pages_per_block)
+        k, v = tiles.load_pages(tables_ref, k_ref, v_ref, layer_ref[0], seq, head, start,
+                                num_pages, pages_per_block)
         position = start * block_size + lax.broadcasted_iota(jnp.int32, (k.shape[0],), 0)
         valid = position < length
         return tiles.update(state, q, k, v, valid[None, :], valid, scale_log2)
@@ -60,14 +60,15 @@ def default_splits(batch: int, num_kv_heads: int, num_compute_blocks: int) -> in
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "num_splits", "pages_per_block", "num_warps", "num_stages", "interpret"))
-def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale: float,
-                           num_splits: int | None = None, pages_per_block: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2,
-                           interpret: bool = False) -> jax.Array:
-    """q: [B, num_heads, head_dim]; pools: [num_kv_heads, num_blocks, block_size, head_dim];
-    block_tables: int[B, max_blocks]; lengths: int[B]. Returns [B, num_heads, head_dim]."""
+def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, layer, *,
+                           sm_scale: float, num_splits: int | None = None,
+                           pages_per_block: int | None = None, num_warps: int = 4,
+                           num_stages: int = 2, interpret: bool = False) -> jax.Array:
+    """q: [B, num_heads, head_dim]; pools: [layers, num_kv_heads, num_blocks, block_size,
+    head_dim], of which ``layer`` (int32 scalar) is read; block_tables: int[B, max_blocks];
+    lengths: int[B]. Returns [B, num_heads, head_dim]."""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads, _, block_size, _ = k_pages.shape
+    _, num_kv_heads, _, block_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     rows = max(16, tiles.next_power_of_two(group))
     pages_per_block = pages_per_block or max(1, 64 // block_size)
@@ -86,7 +87,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
     out, m, l = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, num_splits),
-        in_specs=[any_space, any_space,
+        in_specs=[any_space, any_space, any_space,
                   pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
                   any_space, any_space],
         out_specs=[
@@ -100,7 +101,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_sca
         interpret=interpret,
         compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="paged_decode_attention",
-    )(lengths.astype(jnp.int32), tables, q_rows, k_pages, v_pages)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), lengths.astype(jnp.int32), tables, q_rows,
+      k_pages, v_pages)
     top = m.max(axis=2, keepdims=True)
     weight = jnp.where(l > 0, jnp.exp2(m - jnp.where(jnp.isfinite(top), top, 0.0)) * l, 0.0)
     total = weight.sum(axis=2)

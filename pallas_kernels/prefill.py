@@ -26,11 +26,11 @@ from jax.experimental.pallas import triton as pl_triton
 from pallas_kernels import tiles
 
 
-def _kernel(block_seq_ref, block_first_ref, block_count_ref, contexts_ref, starts_ref,
-            tables_ref, q_ref, k_ref, v_ref, o_ref, *, scale_log2: float, group_rows: int,
-            block_q: int, pages_per_block: int):
+def _kernel(layer_ref, block_seq_ref, block_first_ref, block_count_ref, contexts_ref,
+            starts_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *, scale_log2: float,
+            group_rows: int, block_q: int, pages_per_block: int):
     block, head = pl.program_id(0), pl.program_id(1)
-    block_size = k_ref.shape[2]
+    block_size = k_ref.shape[-2]
     seq, first, count = block_seq_ref[block], block_first_ref[block], block_count_ref[block]
     context, start = contexts_ref[seq], starts_ref[seq]
     first_position = context - (starts_ref[seq + 1] - start) + first - start
@@ -44,8 +44,8 @@ def _kernel(block_seq_ref, block_first_ref, block_count_ref, contexts_ref, start
 
     def attend_block(j, state):
         page = j * pages_per_block
-        k, v = tiles.load_pages(tables_ref, k_ref, v_ref, seq, head, page, num_pages,
-                                pages_per_block)
+        k, v = tiles.load_pages(tables_ref, k_ref, v_ref, layer_ref[0], seq, head, page,
+                                num_pages, pages_per_block)
         key_position = page * block_size + lax.broadcasted_iota(jnp.int32, (k.shape[0],), 0)
         visible = key_position[None, :] <= row_position[:, None]
         return tiles.update(state, q, k, v, visible, key_position < key_end, scale_log2)
@@ -84,14 +84,15 @@ def query_blocks(query_start_loc: jax.Array, num_tokens: int, block_q: int):
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "rows_per_block", "pages_per_block", "num_warps", "num_stages", "interpret"))
 def paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
-                            *, sm_scale: float, rows_per_block: int = 64,
+                            layer, *, sm_scale: float, rows_per_block: int = 64,
                             pages_per_block: int | None = None, num_warps: int = 4,
                             num_stages: int = 2, interpret: bool = False) -> jax.Array:
-    """q: [T, num_heads, head_dim]; pools: [num_kv_heads, num_blocks, block_size, head_dim];
-    block_tables: int[S, max_blocks]; context_lens: int[S] (including the query tokens);
-    query_start_loc: int[S + 1]. Returns [T, num_heads, head_dim]."""
+    """q: [T, num_heads, head_dim]; pools: [layers, num_kv_heads, num_blocks, block_size,
+    head_dim], of which ``layer`` (int32 scalar) is read; block_tables: int[S, max_blocks];
+    context_lens: int[S] (including the query tokens); query_start_loc: int[S + 1].
+    Returns [T, num_heads, head_dim]."""
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, _, block_size, _ = k_pages.shape
+    _, num_kv_heads, _, block_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     group_rows = tiles.next_power_of_two(group)
     block_q = max(1, rows_per_block // group_rows)
@@ -115,14 +116,14 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, que
     out = pl.pallas_call(
         kernel,
         grid=(num_blocks, num_kv_heads),
-        in_specs=[any_space] * 9,
+        in_specs=[any_space] * 10,
         out_specs=pl.BlockSpec((None, None, rows, head_dim), lambda i, h: (i, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((num_blocks, num_kv_heads, rows, head_dim), q.dtype),
         interpret=interpret,
         compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="paged_prefill_attention",
-    )(block_seq, block_first, block_count, context_lens.astype(jnp.int32), starts, tables,
-      q_rows, k_pages, v_pages)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), block_seq, block_first, block_count,
+      context_lens.astype(jnp.int32), starts, tables, q_rows, k_pages, v_pages)
     out = out.reshape(num_blocks, num_kv_heads, block_q, group_rows, head_dim)
     out = out.at[token_block, :, token_row].get(mode="fill", fill_value=0)
     return out[:, :, :group].reshape(num_tokens, num_heads, head_dim)

@@ -42,15 +42,16 @@ def _attend_one(q, position, context_len, row, k_pages, v_pages, sm_scale):
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "tokens_per_chunk"))
 def paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
-                            *, sm_scale: float, tokens_per_chunk: int = 64) -> jax.Array:
+                            layer, *, sm_scale: float, tokens_per_chunk: int = 64) -> jax.Array:
     """Ragged causal attention of a flat batch of query tokens over paged K/V.
 
-    q: [T, num_heads, head_dim]; k_pages, v_pages: [num_kv_heads, num_blocks, block_size,
-    head_dim]; block_tables: int[S, max_blocks]; context_lens: int[S], each sequence's cached
+    q: [T, num_heads, head_dim]; k_pages, v_pages: [layers, num_kv_heads, num_blocks,
+    block_size, head_dim], of which ``layer`` (int32 scalar) is read; block_tables: int[S, max_blocks]; context_lens: int[S], each sequence's cached
     tokens *including* its query tokens (already written to the pool); query_start_loc:
     int[S + 1], sequence s owns tokens ``query_start_loc[s]:query_start_loc[s + 1]``, which are
     the last ones of its context. Tokens past ``query_start_loc[S]`` are padding (zeros out).
     """
+    k_pages, v_pages = k_pages[layer], v_pages[layer]
     num_tokens = q.shape[0]
     num_seqs = context_lens.shape[0]
     token = jnp.arange(num_tokens)
@@ -70,13 +71,13 @@ def paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, que
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "tokens_per_chunk"))
-def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale: float,
-                           tokens_per_chunk: int = 64) -> jax.Array:
+def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, layer, *,
+                           sm_scale: float, tokens_per_chunk: int = 64) -> jax.Array:
     """One query token per sequence, the last of its ``lengths[b]`` cached tokens.
 
     q: [B, num_heads, head_dim]; block_tables: int[B, max_blocks]; lengths: int[B] (0: the
     output is zeros). Pools as in ``paged_prefill_attention``.
     """
     one_each = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
-    return paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, one_each,
+    return paged_prefill_attention(q, k_pages, v_pages, block_tables, lengths, one_each, layer,
                                    sm_scale=sm_scale, tokens_per_chunk=tokens_per_chunk)

@@ -28,17 +28,18 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def load_pages(tables_ref, k_ref, v_ref, seq, head, first_page, num_pages: jax.Array,
+def load_pages(tables_ref, k_ref, v_ref, layer, seq, head, first_page, num_pages: jax.Array,
                pages_per_block: int) -> tuple[jax.Array, jax.Array]:
     """K and V tiles ``[pages_per_block * block_size, head_dim]`` of the pages
-    ``first_page, ...`` of sequence ``seq``; pages at or past ``num_pages`` read block 0."""
+    ``first_page, ...`` of sequence ``seq`` in ``layer`` of the stacked pools; pages at or past
+    ``num_pages`` read block 0."""
     index = first_page + lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
     pages = tables_ref[seq, pl.ds(first_page, pages_per_block)]
     pages = jnp.where(index < num_pages, pages, 0)
-    _, _, block_size, head_dim = k_ref.shape
+    *_, block_size, head_dim = k_ref.shape
     tokens = pages_per_block * block_size
-    return (k_ref[head, pages].reshape(tokens, head_dim),
-            v_ref[head, pages].reshape(tokens, head_dim))
+    return (k_ref[layer, head, pages].reshape(tokens, head_dim),
+            v_ref[layer, head, pages].reshape(tokens, head_dim))
 
 
 def init_state(rows: int, head_dim: int) -> State:

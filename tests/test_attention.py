@@ -137,6 +137,31 @@ def test_traced_query_run_longer_than_context_gives_zeros_not_nan():
         np.testing.assert_allclose(out[8:], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stacked_pools_read_the_named_layer(impl):
+    """Pools stacked over layers, with a traced layer index, read that layer in place."""
+    args, scale, expected = decode_case(np.random.default_rng(7), [9, 30], FIXED, max_blocks=2)
+    q, k, v, tables, lengths = args
+    stack = lambda pages: jnp.stack([jnp.full_like(pages, jnp.nan), pages, -pages])
+    attend = jax.jit(lambda layer: pk.paged_decode_attention(
+        q, stack(k), stack(v), tables, lengths, sm_scale=scale, layer=layer, impl=impl))
+    assert_close(attend(1), expected, jnp.float32)
+    prefill_out = pk.paged_prefill_attention(q, stack(k), stack(v), tables, lengths,
+                                             jnp.arange(3, dtype=jnp.int32), sm_scale=scale,
+                                             layer=1, impl=impl)
+    assert_close(prefill_out, expected, jnp.float32)
+
+
+def test_layer_goes_with_stacked_pools():
+    with pytest.raises(ValueError, match="pass layer= exactly when the pools are stacked"):
+        pk.paged_decode_attention(**bad(), sm_scale=1.0, layer=0, impl="reference")
+    stacked = bad(k_pages=jnp.zeros((3, 2, 9, 16, 64)), v_pages=jnp.zeros((3, 2, 9, 16, 64)))
+    with pytest.raises(ValueError, match="pass layer= exactly when the pools are stacked"):
+        pk.paged_decode_attention(**stacked, sm_scale=1.0, impl="reference")
+    with pytest.raises(ValueError, match="layer=3 is outside the 3 stacked layers"):
+        pk.paged_decode_attention(**stacked, sm_scale=1.0, layer=3, impl="reference")
+
+
 def test_jitted_with_traced_lengths():
     args, scale, expected = decode_case(np.random.default_rng(2), [7, 33], FIXED, max_blocks=3)
     attend = jax.jit(functools.partial(pk.paged_decode_attention, sm_scale=scale,
@@ -225,14 +250,15 @@ LLAMA_8B = dict(num_kv_heads=8, group=4, head_dim=128, block_size=16)
 def test_kernels_lower_for_cuda_through_triton(dtype):
     heads, kv_heads, dim, bs = 32, 8, 128, 16
     q = jax.ShapeDtypeStruct((4, heads, dim), dtype)
-    pool = jax.ShapeDtypeStruct((kv_heads, 64, bs, dim), dtype)
+    pool = jax.ShapeDtypeStruct((2, kv_heads, 64, bs, dim), dtype)  # two layers stacked
     tables = jax.ShapeDtypeStruct((4, 8), jnp.int32)
     ints = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)
+    layer = jax.ShapeDtypeStruct((), jnp.int32)
     decode_fn = functools.partial(decode.paged_decode_attention, sm_scale=dim**-0.5)
     prefill_fn = functools.partial(prefill.paged_prefill_attention, sm_scale=dim**-0.5)
     with target_gpu():
-        for fn, args in ((decode_fn, (q, pool, pool, tables, ints(4))),
-                         (prefill_fn, (q, pool, pool, tables, ints(4), ints(5)))):
+        for fn, args in ((decode_fn, (q, pool, pool, tables, ints(4), layer)),
+                         (prefill_fn, (q, pool, pool, tables, ints(4), ints(5), layer))):
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert "triton" in text, fn
 

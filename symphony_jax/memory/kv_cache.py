@@ -1,0 +1,69 @@
+"""The paged KV pool of one node: every layer's K and V pages, in the kernels' layout.
+
+``k, v: [layers, num_kv_heads, num_blocks, block_size, head_dim]`` — the layout fixed by
+``pallas_kernels`` (head-major pages), stacked over layers. Token ``i`` of a sequence is stored at
+flat slot ``block * block_size + i % block_size`` of every layer, ``block`` being its
+block-table entry (``block_table.slot_mapping``). Block 0, the null block, is never written by a
+valid slot mapping and its contents are never used unmasked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from symphony_jax.config import CacheConfig, ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVPool:
+    k: jax.Array  # [L, KVH, NB, BS, D]
+    v: jax.Array  # [L, KVH, NB, BS, D]
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def create(model: ModelConfig, cache: CacheConfig, dtype=None, device=None) -> KVPool:
+    """A zeroed pool of ``cache.num_device_blocks`` blocks on ``device`` (default: JAX's)."""
+    shape = (model.num_layers, model.num_kv_heads, cache.num_device_blocks, cache.block_size,
+             model.head_dim)
+    dtype = jnp.dtype(dtype or model.dtype)
+    return KVPool(jnp.zeros(shape, dtype, device=device), jnp.zeros(shape, dtype, device=device))
+
+
+def write(pages: jax.Array, layer, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+    """Store ``new: [T, KVH, D]`` (one layer's K or V of T tokens) at their flat slots.
+
+    Slots at or past ``num_blocks * block_size`` (padding tokens) are dropped. Meant to run on a
+    donated pool (or a loop carry) so that the scatter updates it in place.
+    """
+    L, KVH, NB, BS, D = pages.shape
+    flat = pages.reshape(L, KVH, NB * BS, D)
+    return flat.at[layer, :, slot_mapping].set(new.astype(pages.dtype), mode="drop").reshape(
+        pages.shape)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def copy_blocks(pool: KVPool, src: jax.Array, dst: jax.Array) -> KVPool:
+    """Copy blocks ``src[b] -> dst[b]`` in every layer (a fork's copy-on-write pairs);
+    ``dst`` entries out of range are skipped."""
+    copy = lambda pages: pages.at[:, :, dst].set(pages[:, :, src], mode="drop")
+    return KVPool(copy(pool.k), copy(pool.v))

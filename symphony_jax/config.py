@@ -125,18 +125,29 @@ class CacheConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """Batch limits of one node's scheduler."""
+    """Batch limits of one node's scheduler.
+
+    ``max_num_seqs`` sequences run per step; the request table has ``slots`` entries for
+    running, waiting and idle (retained) sessions (``num_slots``, default 4 x max_num_seqs).
+    """
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    num_slots: int | None = None
 
     def __post_init__(self):
         _check_ints(self, 1, "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+        if self.num_slots is not None:
+            _check_ints(self, self.max_num_seqs, "num_slots")
         if self.max_num_batched_tokens < self.max_num_seqs:
             _fail(self, "max_num_batched_tokens", self.max_num_batched_tokens,
                   f">= max_num_seqs={self.max_num_seqs} (every running sequence decodes a token "
                   "per step)")
+
+    @property
+    def slots(self) -> int:
+        return self.num_slots or 4 * self.max_num_seqs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -144,9 +144,9 @@ def test_from_config_shapes():
     config = EngineConfig(model_preset("tiny"), CacheConfig(block_size=8, num_device_blocks=64,
                                                             num_layer_groups=2),
                           SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32,
-                                          max_model_len=100))
+                                          max_model_len=100, num_slots=6))
     table = bt.from_config(config)
-    assert table.block_ids.shape == (2, 4, 13) and table.ref_counts.shape == (2, 64)
+    assert table.block_ids.shape == (2, 6, 13) and table.ref_counts.shape == (2, 64)
     assert table.block_size == 8 and table.max_tokens_per_seq == 104
 
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from symphony_jax.memory import block_table as bt
+from block_table_checks import check_structure, snapshot
 from symphony_jax.memory.py_allocator import PyBlockAllocator
 
 S, NB, MB, BS = 6, 14, 4, 4  # tight: 13 usable blocks, 6 slots of up to 4 blocks
@@ -19,12 +20,6 @@ B, T = 4, 8  # batch of requests, tokens in a slot-mapping query
 slot_lists = st.lists(st.integers(-1, S + 1), min_size=B, max_size=B)
 token_lists = st.lists(st.integers(-1, MB * BS + 2), min_size=B, max_size=B)
 small_token_lists = st.lists(st.integers(-1, 2 * BS), min_size=B, max_size=B)
-
-
-def snapshot(table: bt.BlockTable) -> dict[str, np.ndarray]:
-    # Copies: the table's buffers are donated to (and reused by) the next operation.
-    return {name: np.array(getattr(table, name), copy=True)
-            for name in ("block_ids", "num_tokens", "ref_counts", "free_stack", "free_top")}
 
 
 class BlockTableMachine(RuleBasedStateMachine):
@@ -152,22 +147,7 @@ class BlockTableMachine(RuleBasedStateMachine):
 
     @invariant()
     def structure_holds(self):
-        table = snapshot(self.table)
-        for g in range(self.num_groups):
-            block_ids, tokens = table["block_ids"][g], table["num_tokens"][g]
-            ref_counts, top = table["ref_counts"][g], int(table["free_top"][g])
-            live = np.arange(MB)[None, :] < -(-tokens // BS)[:, None]
-            assert (block_ids[~live] == 0).all(), "unused entries point at the null block"
-            assert (block_ids[live] > 0).all() and (block_ids[live] < NB).all()
-            for row, n in zip(block_ids, live.sum(1)):
-                assert len(set(row[:n])) == n, "a row holds a block twice"
-            references = np.bincount(block_ids[live], minlength=NB)
-            np.testing.assert_array_equal(ref_counts, references, "reference counts")
-            free = table["free_stack"][g, :top]
-            assert len(set(free.tolist())) == top, "a block is free twice"
-            assert 0 not in free, "the null block was freed"
-            assert (ref_counts[free] == 0).all(), "a referenced block is free"
-            assert top + (ref_counts > 0).sum() == NB - 1, "free + used == capacity"
+        check_structure(snapshot(self.table), BS)
 
     @invariant()
     def agrees_with_model(self):

@@ -46,6 +46,8 @@ def test_unknown_preset_lists_the_valid_names():
     (lambda: CacheConfig(num_host_blocks=-1), r"CacheConfig.num_host_blocks=-1"),
     (lambda: CacheConfig(num_layer_groups=0), r"CacheConfig.num_layer_groups=0"),
     (lambda: SchedulerConfig(max_num_seqs=0), r"SchedulerConfig.max_num_seqs=0"),
+    (lambda: SchedulerConfig(max_num_seqs=8, num_slots=4),
+     r"SchedulerConfig.num_slots=4: expected an integer >= 8"),
     (lambda: SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=32),
      r"SchedulerConfig.max_num_batched_tokens=32: expected >= max_num_seqs=64"),
     (lambda: EngineConfig(TINY, scheduler=SchedulerConfig(max_model_len=8192)),

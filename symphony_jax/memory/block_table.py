@@ -114,8 +114,8 @@ def create(num_slots: int, num_blocks: int, max_blocks_per_seq: int, block_size:
 
 
 def from_config(config: EngineConfig) -> BlockTable:
-    """The device block table of one node: a slot per schedulable sequence."""
-    return create(num_slots=config.scheduler.max_num_seqs,
+    """The device block table of one node: a slot per request-table entry."""
+    return create(num_slots=config.scheduler.slots,
                   num_blocks=config.cache.num_device_blocks,
                   max_blocks_per_seq=config.max_blocks_per_seq,
                   block_size=config.cache.block_size,

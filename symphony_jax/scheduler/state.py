@@ -1,0 +1,144 @@
+"""The scheduler's state: a fixed-capacity table of request slots and the block table.
+
+A slot holds one *sequence*: a session's K,V (its history) and its current request. A request of
+session s runs in s's slot, so a session that keeps its K,V between turns (retention ``keep`` or
+``ttl``) serves its next turn from the same blocks; a request without a session gets a slot of
+its own. Slot ``i`` of the request table is slot ``i`` of the block table, whose token count is
+the number of the slot's tokens whose K,V is cached.
+
+A request knows ``prompt_len + num_generated`` tokens (its prompt, history included, and what it
+has generated). Each step it computes some of those not yet cached (a prefill chunk, or the one
+token sampled last step); when a step reaches the last known token, a new token is sampled.
+Prefill and decode are the same rule, and recompute-preemption is just forgetting the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from symphony_jax.config import EngineConfig
+from symphony_jax.memory import block_table as bt
+
+i32, f32 = jnp.int32, jnp.float32
+
+# Slot status.
+EMPTY = 0  # free slot
+WAITING = 1  # admitted, not running yet
+RUNNING = 2  # computing its prompt or generating
+PREEMPTED = 3  # was running, K,V dropped; waits to recompute
+LOADING = 4  # K,V coming back from the host tier
+OFFLOADED = 5  # K,V on the host tier, not running
+FINISHED = 6  # request done; a retained session's K,V stays until evicted
+REJECTED = 7  # could not be admitted (see the reasons below)
+STATUS_NAMES = ("empty", "waiting", "running", "preempted", "loading", "offloaded", "finished",
+                "rejected")
+
+# Why a request was not admitted (0: admitted).
+ADMITTED = 0
+TOO_LONG = 1  # prompt plus max_new_tokens exceeds max_model_len
+NO_MEMORY = 2  # its prompt needs more blocks than the whole pool has
+NO_SLOT = 3  # every slot is busy with an active request
+SESSION_BUSY = 4  # its session's previous request has not finished
+INVALID = 5  # malformed: empty prompt, no new tokens allowed, negative priority...
+REASONS = ("admitted", "prompt plus max_new_tokens exceeds max_model_len",
+           "prompt needs more blocks than the pool has", "no free slot",
+           "the session's previous request is still running",
+           "invalid request (empty prompt or max_new_tokens < 1)")
+
+NO_SESSION = -1
+NEVER = np.float32(np.inf)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Requests:
+    """Per-slot request fields (R slots)."""
+
+    status: jax.Array  # i32[R]
+    session_id: jax.Array  # i32[R]  NO_SESSION for a request without a session
+    request_id: jax.Array  # i32[R]  the current request
+    prompt_len: jax.Array  # i32[R]  tokens of its prompt, history included
+    history_len: jax.Array  # i32[R] of which earlier turns (for redundancy counts)
+    max_new_tokens: jax.Array  # i32[R]
+    num_generated: jax.Array  # i32[R]  tokens sampled so far
+    priority: jax.Array  # i32[R]  lower runs first (policy "priority")
+    arrival: jax.Array  # f32[R]   when the request arrived (s)
+    last_used: jax.Array  # f32[R]  when the slot last ran (LRU of idle sessions)
+    expiry: jax.Array  # f32[R]     a finished slot's K,V is kept until then
+    cached_at_admission: jax.Array  # i32[R] prompt tokens already cached when admitted
+    computed: jax.Array  # i32[R]   prompt tokens computed for this request (recomputation too)
+    recomputed_history: jax.Array  # i32[R] of which history tokens (positions < history_len)
+    preemptions: jax.Array  # i32[R]  times this request lost its K,V
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SchedulerState:
+    requests: Requests
+    blocks: bt.BlockTable
+
+    @property
+    def num_slots(self) -> int:
+        return self.requests.status.shape[-1]
+
+    @property
+    def cached_tokens(self) -> jax.Array:
+        """i32[R]: tokens of each slot with cached K,V (group 0: running sequences are resident
+        in every layer group)."""
+        return self.blocks.num_tokens[..., 0, :]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NewRequests:
+    """A batch of arriving requests (N, padded: ``request_id < 0`` is padding)."""
+
+    request_id: jax.Array  # i32[N]
+    session_id: jax.Array  # i32[N]  NO_SESSION: none
+    prompt_len: jax.Array  # i32[N]  history + new input
+    history_len: jax.Array  # i32[N]
+    max_new_tokens: jax.Array  # i32[N]
+    priority: jax.Array  # i32[N]
+    arrival: jax.Array  # f32[N]
+
+
+def new_requests(request_id, prompt_len, max_new_tokens, *, session_id=None, history_len=None,
+                 priority=None, arrival=None, size: int | None = None) -> NewRequests:
+    """A padded ``NewRequests`` batch of ``size`` (default: as many as given) from sequences."""
+    n = len(request_id)
+    size = n if size is None else size
+    if size < n:
+        raise ValueError(f"new_requests: {n} requests do not fit a batch of size={size}")
+    column = lambda values, default, dtype: np.pad(
+        np.asarray(values if values is not None else [default] * n, dtype), (0, size - n),
+        constant_values=default)
+    return NewRequests(
+        request_id=jnp.asarray(np.pad(np.asarray(request_id, np.int32), (0, size - n),
+                                      constant_values=-1)),
+        session_id=jnp.asarray(column(session_id, NO_SESSION, np.int32)),
+        prompt_len=jnp.asarray(column(prompt_len, 0, np.int32)),
+        history_len=jnp.asarray(column(history_len, 0, np.int32)),
+        max_new_tokens=jnp.asarray(column(max_new_tokens, 0, np.int32)),
+        priority=jnp.asarray(column(priority, 0, np.int32)),
+        arrival=jnp.asarray(column(arrival, 0.0, np.float32)),
+    )
+
+
+def init(config: EngineConfig) -> SchedulerState:
+    """An empty scheduler: every slot EMPTY, every block free."""
+    R = config.scheduler.slots
+    zeros = lambda dtype=np.int32: jnp.zeros(R, dtype)
+    return SchedulerState(
+        requests=Requests(
+            status=zeros(), session_id=jnp.full(R, NO_SESSION, i32), request_id=jnp.full(R, -1, i32),
+            prompt_len=zeros(), history_len=zeros(), max_new_tokens=zeros(),
+            num_generated=zeros(), priority=zeros(), arrival=zeros(np.float32),
+            last_used=zeros(np.float32), expiry=zeros(np.float32),
+            cached_at_admission=zeros(), computed=zeros(), recomputed_history=zeros(),
+            preemptions=zeros()),
+        blocks=bt.from_config(config),
+    )

@@ -1,0 +1,228 @@
+"""One scheduling step: ``schedule -> (state, plan)``, the executor runs it, ``commit``.
+
+``schedule`` decides which slots compute how many tokens:
+
+1. Idle sessions whose retention expired lose their K,V.
+2. Active slots (running, waiting, preempted) are ordered by the policy: ``decode_first`` puts
+   running sequences that are decoding first, then running prompts, then waiting ones;
+   ``prefill_first`` puts waiting and prompting sequences before decoding ones. Within a group,
+   ``fcfs`` orders by arrival, ``priority`` by priority then arrival (request id breaks ties).
+3. In that order each slot asks for the tokens it knows but has not cached; the token budget is
+   handed out in order (a prompt may be cut into a chunk, or with ``chunked_prefill=False`` runs
+   whole or not at), and at most ``max_num_seqs`` slots run.
+4. Memory: running slots' blocks come first. While they do not fit, the least recently used idle
+   session loses its K,V, else the last running slot in order is preempted (its K,V dropped;
+   it waits to recompute). Waiting slots then take blocks in order while they fit (idle sessions
+   giving way first); a waiting slot that does not fit, and every one after it, waits.
+
+Running work is never preempted for waiting work. The plan lists each slot's query length, the
+slots in batch order, and which slots sample a token (their step reaches the last known token).
+``commit`` counts the sampled tokens, finishes requests on a stop flag or at ``max_new_tokens``,
+and applies the retention policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from symphony_jax.config import SchedulerConfig
+from symphony_jax.memory import block_table as bt
+from symphony_jax.scheduler import state as S
+from symphony_jax.scheduler.policy import Policy
+
+i32, f32 = jnp.int32, jnp.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What one step runs (R slots)."""
+
+    query_lens: jax.Array  # i32[R]  tokens each slot computes (0: not scheduled)
+    order: jax.Array  # i32[R]       scheduled slots in batch order, then R (padding)
+    num_seqs: jax.Array  # i32[]     scheduled slots
+    num_tokens: jax.Array  # i32[]   scheduled tokens
+    samples: jax.Array  # bool[R]    the slot's step ends at its last known token: sample one
+    preempted: jax.Array  # bool[R]  lost its K,V this step to make room
+    evicted: jax.Array  # bool[R]    idle session that lost its K,V this step
+    decode_only: jax.Array  # bool[] every scheduled slot computes exactly one token
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Room:
+    """Scheduling under way: slots losing K,V to make room, and each slot's tokens."""
+
+    table: bt.BlockTable
+    status: jax.Array  # i32[R]
+    grant: jax.Array  # i32[R]      tokens granted this step
+    evicted: jax.Array  # bool[R]   idle sessions that lost their K,V
+    preempted: jax.Array  # bool[R]  running slots that lost their K,V
+    denied: jax.Array  # bool[R]    waiting slots that do not fit this step
+    changed: jax.Array  # bool[]    the last round denied a slot
+
+
+def _order(r: S.Requests, known, cached, policy: Policy) -> jax.Array:
+    """Active slots in scheduling order, then the others (i32[R])."""
+    running, decoding = r.status == S.RUNNING, known - cached == 1
+    waiting = (r.status == S.WAITING) | (r.status == S.PREEMPTED)
+    if policy.prefill == "decode_first":
+        group = jnp.select([running & decoding, running, waiting], [0, 1, 2], 3)
+    else:
+        group = jnp.select([waiting, running & ~decoding, running], [0, 1, 2], 3)
+    priority = r.priority if policy.order == "priority" else jnp.zeros_like(r.priority)
+    return jnp.lexsort((r.request_id, r.arrival, priority, group))
+
+
+def _budget(want: jax.Array, limits: SchedulerConfig, chunked: bool) -> jax.Array:
+    """Tokens granted to each slot of ``want`` (in scheduling order)."""
+    before = jnp.cumsum(want) - want
+    if chunked:
+        got = jnp.clip(limits.max_num_batched_tokens - before, 0, want)
+    else:
+        got = jnp.where(before + want <= limits.max_num_batched_tokens, want, 0)
+    return jnp.where(jnp.cumsum(got > 0) <= limits.max_num_seqs, got, 0)
+
+
+def _blocks_needed(cached: jax.Array, tokens: jax.Array, block_size: int) -> jax.Array:
+    return -(-(cached + tokens) // block_size) - (-(-cached // block_size))
+
+
+def _overlap(start, length, end) -> jax.Array:
+    """Length of [start, start + length) within [0, end)."""
+    return jnp.clip(jnp.minimum(start + length, end) - start, 0, None)
+
+
+@functools.partial(jax.jit, donate_argnames="state", static_argnames=("limits", "policy"))
+def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: Policy):
+    """Decide this step (see the module doc). Returns the state (blocks reserved for the
+    scheduled tokens) and the ``StepPlan``."""
+    if not policy.chunked_prefill and limits.max_num_batched_tokens < limits.max_model_len:
+        raise ValueError(
+            f"schedule: without chunked prefill a prompt runs whole, so max_num_batched_tokens="
+            f"{limits.max_num_batched_tokens} must be >= max_model_len={limits.max_model_len} "
+            "(else a long prompt never runs and blocks every request behind it)")
+    R = state.num_slots
+    r, table = state.requests, state.blocks
+    slots = jnp.arange(R, dtype=i32)
+    expired = (r.status == S.FINISHED) & (r.expiry <= now)
+    evicted = expired & (state.cached_tokens > 0)
+    table = bt.free(table, jnp.where(evicted, slots, R))
+    r = dataclasses.replace(r, status=jnp.where(expired, S.EMPTY, r.status))
+
+    cached = table.num_tokens[0]
+    known = r.prompt_len + r.num_generated
+    active = (r.status == S.RUNNING) | (r.status == S.WAITING) | (r.status == S.PREEMPTED)
+    order = _order(r, known, cached, policy)
+    position = jnp.zeros(R, i32).at[order].set(slots)  # rank of each slot in the order
+    want = jnp.where(active, known - cached, 0)
+    free_blocks = lambda table: table.free_top.min()
+    is_waiting = lambda status: (status == S.WAITING) | (status == S.PREEMPTED)
+
+    def needs(room: _Room, mask) -> jax.Array:
+        tokens = room.table.num_tokens[0]
+        return jnp.where(mask, _blocks_needed(tokens, room.grant, room.table.block_size), 0)
+
+    def waiting_fits(room: _Room) -> jax.Array:
+        """bool[R]: waiting slots whose blocks fit, in order, after the running slots'."""
+        spare = free_blocks(room.table) - needs(room, room.status == S.RUNNING).sum()
+        need = needs(room, is_waiting(room.status) & (room.grant > 0))[order]
+        fit = jnp.cumprod((jnp.cumsum(need) <= spare) | (need == 0)).astype(bool)
+        return jnp.zeros(R, bool).at[order].set(fit)
+
+    def idle(room: _Room) -> jax.Array:
+        return (room.status == S.FINISHED) & (room.table.num_tokens[0] > 0)
+
+    def make_room(room: _Room, preempt_running: bool) -> _Room:
+        """Evict the least recently used idle session; with none, preempt the last running
+        slot in order (if allowed)."""
+        has_idle = idle(room).any()
+        victim = jnp.argmin(jnp.where(idle(room), r.last_used, jnp.inf))
+        preempt = jnp.bool_(False)
+        if preempt_running:
+            last = jnp.argmax(jnp.where(room.status == S.RUNNING, position, -1))
+            victim, preempt = jnp.where(has_idle, victim, last), ~has_idle
+        status = jnp.where(preempt, S.PREEMPTED, S.EMPTY)
+        return dataclasses.replace(
+            room, table=bt.free(room.table, victim[None]),
+            status=room.status.at[victim].set(status),
+            grant=room.grant.at[victim].set(jnp.where(preempt, 0, room.grant[victim])),
+            evicted=room.evicted.at[victim].set(room.evicted[victim] | ~preempt),
+            preempted=room.preempted.at[victim].set(room.preempted[victim] | preempt))
+
+    def settle(room: _Room) -> _Room:
+        """Budget for every slot not denied; room for the running ones; waiting ones that do
+        not fit are denied (and give their budget back in the next round)."""
+        excluded = room.denied | room.preempted
+        got = _budget(jnp.where(excluded, 0, want)[order], limits, policy.chunked_prefill)
+        room = dataclasses.replace(room, grant=jnp.zeros(R, i32).at[order].set(got))
+        running_short = lambda room: needs(room, room.status == S.RUNNING).sum() > free_blocks(
+            room.table)
+        room = jax.lax.while_loop(running_short, functools.partial(
+            make_room, preempt_running=True), room)
+        waiting_short = lambda room: idle(room).any() & (
+            is_waiting(room.status) & (room.grant > 0) & ~waiting_fits(room)).any()
+        room = jax.lax.while_loop(waiting_short, functools.partial(
+            make_room, preempt_running=False), room)
+        # FCFS: the first waiting slot that does not fit stops every waiting slot after it.
+        misfit = is_waiting(room.status) & (room.grant > 0) & ~waiting_fits(room)
+        denied = is_waiting(room.status) & (position >= jnp.min(jnp.where(misfit, position, R)))
+        return dataclasses.replace(room, grant=jnp.where(denied, 0, room.grant),
+                                   denied=room.denied | denied,
+                                   changed=(denied & ~room.denied).any())
+
+    no = jnp.zeros(R, bool)
+    room = jax.lax.while_loop(lambda room: room.changed, settle, _Room(
+        table, r.status, jnp.zeros(R, i32), evicted, no, no, jnp.bool_(True)))
+    table, status, grant, evicted, preempted = (room.table, room.status, room.grant,
+                                                room.evicted, room.preempted)
+    table, _ = bt.reserve(table, jnp.where(grant > 0, slots, R)[order], grant[order])
+
+    scheduled = grant > 0  # victims are never scheduled: their cache is unchanged
+    samples = scheduled & (cached + grant == known)
+    requests = dataclasses.replace(
+        r,
+        status=jnp.where(scheduled, S.RUNNING, status),
+        last_used=jnp.where(scheduled, jnp.asarray(now, f32), r.last_used),
+        computed=r.computed + jnp.where(scheduled, _overlap(cached, grant, r.prompt_len), 0),
+        recomputed_history=r.recomputed_history + jnp.where(
+            scheduled, _overlap(cached, grant, r.history_len), 0),
+        preemptions=r.preemptions + preempted,
+    )
+    batch_order = jnp.argsort(jnp.where(scheduled, position, R + position))
+    plan = StepPlan(
+        query_lens=grant,
+        order=jnp.where(scheduled[batch_order], batch_order, R).astype(i32),
+        num_seqs=scheduled.sum(dtype=i32),
+        num_tokens=grant.sum(dtype=i32),
+        samples=samples,
+        preempted=preempted,
+        evicted=evicted,
+        decode_only=scheduled.any() & jnp.all(grant <= 1),
+    )
+    return S.SchedulerState(requests, table), plan
+
+
+@functools.partial(jax.jit, donate_argnames="state", static_argnames="policy")
+def commit(state: S.SchedulerState, plan: StepPlan, stop: jax.Array, now, *, policy: Policy):
+    """Count the tokens the step sampled; finish requests that hit a stop flag (bool[R], set by
+    the executor for its sampled tokens) or ``max_new_tokens``; keep or drop their K,V as the
+    retention policy says. Returns the state and the slots that finished (bool[R])."""
+    r = state.requests
+    generated = r.num_generated + plan.samples
+    finished = plan.samples & (stop | (generated >= r.max_new_tokens))
+    keep = finished & (r.session_id != S.NO_SESSION) & (policy.retention != "drop")
+    dropped = finished & ~keep
+    table = bt.free(state.blocks, jnp.where(dropped, jnp.arange(state.num_slots), state.num_slots))
+    requests = dataclasses.replace(
+        r,
+        status=jnp.where(dropped, S.EMPTY, jnp.where(finished, S.FINISHED, r.status)),
+        num_generated=generated,
+        expiry=jnp.where(keep, jnp.asarray(now, f32) + policy.retention_s, r.expiry),
+        last_used=jnp.where(finished, jnp.asarray(now, f32), r.last_used),
+    )
+    return S.SchedulerState(requests, table), finished

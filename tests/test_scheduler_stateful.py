@@ -1,0 +1,189 @@
+"""The scheduler driven by random arrivals and steps (tight memory, small budgets).
+
+After every rule: no admitted request is lost or duplicated, rejected ones never enter the
+table, every reason is the expected one, budgets and limits hold, waiting requests run in policy
+order, and the block table's invariants hold. At the end every admitted request finishes.
+"""
+
+import dataclasses
+
+import hypothesis.strategies as st
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from block_table_checks import check_structure, snapshot
+from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
+from symphony_jax.scheduler import admission, step
+from symphony_jax.scheduler import state as S
+from symphony_jax.scheduler.policy import Policy
+
+BS, BLOCKS = 4, 24
+LIMITS = SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=8, max_model_len=40,
+                         num_slots=5)
+CONFIG = EngineConfig(model_preset("tiny"), CacheConfig(block_size=BS, num_device_blocks=BLOCKS),
+                      LIMITS)
+N = 3  # requests per admission batch
+ACTIVE = (S.WAITING, S.RUNNING, S.PREEMPTED, S.LOADING)
+
+requests = st.lists(st.fixed_dictionaries(dict(
+    session=st.sampled_from([S.NO_SESSION, 0, 1, 2, 3]),
+    prompt=st.integers(0, 36), history=st.integers(0, 30), new_tokens=st.integers(0, 6),
+    priority=st.integers(0, 2))), min_size=0, max_size=N)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    policy = Policy(retention="keep")
+    limits = LIMITS
+
+    def __init__(self):
+        super().__init__()
+        self.state = S.init(CONFIG)
+        self.now, self.next_id = 0.0, 0
+        self.active: dict[int, int] = {}  # request id -> session
+
+    def table(self) -> dict[str, np.ndarray]:
+        r = self.state.requests
+        return {f.name: np.array(getattr(r, f.name), copy=True)
+                for f in r.__dataclass_fields__.values()} | {
+            "cached": np.array(self.state.cached_tokens, copy=True)}
+
+    def expected_reasons(self, batch, table) -> list[int]:
+        """Admission's rules, one request after another, on the table before the batch."""
+        R = LIMITS.slots
+
+        def holder(session):
+            held = [h for h in range(R) if table["status"][h] != S.EMPTY and
+                    session != S.NO_SESSION and table["session_id"][h] == session]
+            return held[0] if held else None
+
+        reasons, reused, seen = [], set(), set()
+        for req in batch:
+            prompt, history, new, session = (req["prompt"], req["history"], req["new_tokens"],
+                                              req["session"])
+            if prompt < 1 or new < 1 or history >= prompt:
+                reasons.append(S.INVALID)
+                continue
+            if prompt + new > LIMITS.max_model_len:
+                reasons.append(S.TOO_LONG)
+                continue
+            if -(-(prompt + new) // BS) > BLOCKS - 1:
+                reasons.append(S.NO_MEMORY)
+                continue
+            held = holder(session)
+            busy = session != S.NO_SESSION and (
+                session in seen or (held is not None and table["status"][held] in ACTIVE))
+            reasons.append(S.SESSION_BUSY if busy else S.ADMITTED)
+            if not busy and held is not None:
+                reused.add(held)
+            if session != S.NO_SESSION:
+                seen.add(session)
+        spare = [h for h in range(R) if table["status"][h] == S.EMPTY] + sorted(
+            (h for h in range(R) if table["status"][h] in (S.FINISHED, S.OFFLOADED)
+             and h not in reused), key=lambda h: (table["last_used"][h], h))
+        for i, req in enumerate(batch):
+            if reasons[i] == S.ADMITTED and holder(req["session"]) is None:
+                if spare:
+                    spare.pop(0)
+                else:
+                    reasons[i] = S.NO_SLOT
+        return reasons
+
+    @rule(batch=requests)
+    def admit(self, batch):
+        ids = list(range(self.next_id, self.next_id + len(batch)))
+        self.next_id += len(batch)
+        new = S.new_requests(ids, [r["prompt"] for r in batch], [r["new_tokens"] for r in batch],
+                             session_id=[r["session"] for r in batch],
+                             history_len=[r["history"] for r in batch],
+                             priority=[r["priority"] for r in batch],
+                             arrival=[self.now] * len(batch), size=N)
+        table = self.table()
+        self.state, slots, reasons = admission.admit(self.state, new, limits=self.limits)
+        slots, reasons = np.asarray(slots)[: len(batch)], np.asarray(reasons)[: len(batch)]
+        assert reasons.tolist() == self.expected_reasons(batch, table)
+        after = self.table()
+        for rid, req, slot, reason in zip(ids, batch, slots, reasons):
+            if reason == S.ADMITTED:
+                assert after["request_id"][slot] == rid and after["status"][slot] == S.WAITING
+                self.active[rid] = req["session"]
+            else:
+                assert slot == LIMITS.slots and rid not in after["request_id"]
+
+    @rule(stops=st.lists(st.booleans(), min_size=LIMITS.slots, max_size=LIMITS.slots))
+    def step(self, stops):
+        before = self.table()
+        self.state, plan = step.schedule(self.state, self.now, limits=self.limits, policy=self.policy)
+        q = np.asarray(plan.query_lens)
+        assert q.sum() <= self.limits.max_num_batched_tokens and (q > 0).sum() <= self.limits.max_num_seqs
+        assert int(plan.num_tokens) == q.sum() and int(plan.num_seqs) == (q > 0).sum()
+        order = np.asarray(plan.order)
+        assert sorted(order[: int(plan.num_seqs)].tolist()) == np.flatnonzero(q).tolist()
+        self.check_waiting_order(before, q, np.asarray(plan.preempted))
+        known = before["prompt_len"] + before["num_generated"]
+        samples = np.asarray(plan.samples)
+        np.testing.assert_array_equal(samples, (q > 0) & (before["cached"] * (q > 0) + q == known))
+        self.state, finished = step.commit(self.state, plan, jnp.asarray(stops), self.now,
+                                           policy=self.policy)
+        finished = np.asarray(finished)
+        for slot in np.flatnonzero(finished):
+            rid = int(before["request_id"][slot])
+            assert rid in self.active, "a request finished twice or was never admitted"
+            del self.active[rid]
+        self.now += 1.0
+
+    def check_waiting_order(self, before, q, preempted):
+        waiting = [s for s in range(LIMITS.slots)
+                   if before["status"][s] in (S.WAITING, S.PREEMPTED) and not preempted[s]]
+        key = lambda s: ((before["priority"][s] if self.policy.order == "priority" else 0),
+                         before["arrival"][s], before["request_id"][s])
+        ran = [q[s] > 0 for s in sorted(waiting, key=key)]
+        assert ran == sorted(ran, reverse=True), "a waiting request ran before an earlier one"
+
+    @invariant()
+    def no_request_lost_or_duplicated(self):
+        table = self.table()
+        active = table["status"] == S.WAITING
+        for code in ACTIVE[1:]:
+            active |= table["status"] == code
+        ids = table["request_id"][active].tolist()
+        assert sorted(ids) == sorted(self.active), "active requests differ from those admitted"
+        assert (table["cached"][table["status"] == S.EMPTY] == 0).all()
+        known = table["prompt_len"] + table["num_generated"]
+        assert (table["cached"][active] < known[active] + 1).all()
+        check_structure(snapshot(self.state.blocks), BS)
+
+    def teardown(self):
+        """Every admitted request finishes: the head of the order always makes progress."""
+        for _ in range(400):
+            if not self.active:
+                break
+            self.step([False] * LIMITS.slots)
+        assert not self.active, f"requests never finished: {sorted(self.active)}"
+
+
+class PriorityPrefillFirstDropMachine(SchedulerMachine):
+    policy = Policy(order="priority", prefill="prefill_first", chunked_prefill=False,
+                    retention="drop")
+    limits = dataclasses.replace(LIMITS, max_num_batched_tokens=LIMITS.max_model_len)
+
+
+class TTLMachine(SchedulerMachine):
+    policy = Policy(retention="ttl", ttl_s=3.0)
+
+
+STEPS = settings(max_examples=10, stateful_step_count=60,
+                 suppress_health_check=[HealthCheck.large_base_example, HealthCheck.too_slow])
+TestScheduler = SchedulerMachine.TestCase
+TestSchedulerPriority = PriorityPrefillFirstDropMachine.TestCase
+TestSchedulerTTL = TTLMachine.TestCase
+for case in (TestScheduler, TestSchedulerPriority, TestSchedulerTTL):
+    case.settings = STEPS
+
+
+def test_unchunked_prefill_needs_a_budget_for_whole_prompts():
+    state = S.init(CONFIG)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=8 must be >= max_model_len=40"):
+        step.schedule(state, 0.0, limits=LIMITS, policy=Policy(chunked_prefill=False))

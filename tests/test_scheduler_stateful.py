@@ -187,3 +187,15 @@ def test_unchunked_prefill_needs_a_budget_for_whole_prompts():
     state = S.init(CONFIG)
     with pytest.raises(ValueError, match="max_num_batched_tokens=8 must be >= max_model_len=40"):
         step.schedule(state, 0.0, limits=LIMITS, policy=Policy(chunked_prefill=False))
+
+
+def test_abort_frees_the_slot_and_its_blocks():
+    state = S.init(CONFIG)
+    new = S.new_requests([0, 1], [10, 6], [4, 4], session_id=[5, S.NO_SESSION])
+    state, slots, _ = admission.admit(state, new, limits=LIMITS)
+    state, _ = step.schedule(state, 0.0, limits=LIMITS, policy=Policy())
+    assert int(state.blocks.free_top[0]) < BLOCKS - 1
+    state = admission.abort(state, jnp.asarray([slots[0], slots[1], -1]))
+    assert (np.asarray(state.requests.status) == S.EMPTY).all()
+    assert int(state.blocks.free_top[0]) == BLOCKS - 1
+    check_structure(snapshot(state.blocks), BS)

@@ -105,3 +105,15 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
         preemptions=write(r.preemptions, jnp.zeros(N, i32)),
     )
     return S.SchedulerState(requests, table), slot.astype(i32), reason
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def abort(state: S.SchedulerState, slots: jax.Array) -> S.SchedulerState:
+    """End the requests in ``slots`` (i32[K]; out of range: padding) now: their K,V is freed and
+    the slots become empty, whatever their status."""
+    R = state.num_slots
+    slots = jnp.where((slots >= 0) & (slots < R), slots, R)
+    hit = jnp.zeros(R, bool).at[slots].set(True, mode="drop")
+    status = jnp.where(hit, S.EMPTY, state.requests.status)
+    return S.SchedulerState(dataclasses.replace(state.requests, status=status),
+                            bt.free(state.blocks, slots))

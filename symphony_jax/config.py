@@ -152,7 +152,11 @@ class SchedulerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """One node: a model, its KV cache and its scheduler, checked against each other."""
+    """One node: a model, its KV cache and its scheduler, checked against each other.
+
+    The pool may be smaller than one sequence of ``max_model_len`` (to study memory pressure):
+    a request that could never fit is rejected when it arrives.
+    """
 
     model: ModelConfig
     cache: CacheConfig = CacheConfig()
@@ -169,10 +173,6 @@ class EngineConfig:
         if self.cache.num_layer_groups > self.model.num_layers:
             _fail(self, "cache.num_layer_groups", self.cache.num_layer_groups,
                   f"<= model.num_layers={self.model.num_layers} (at most one group per layer)")
-        if self.max_blocks_per_seq > self.cache.num_device_blocks - 1:
-            _fail(self, "cache.num_device_blocks", self.cache.num_device_blocks,
-                  f">= {self.max_blocks_per_seq + 1} so that one sequence of max_model_len="
-                  f"{self.scheduler.max_model_len} tokens fits (plus the null block)")
 
     @property
     def max_blocks_per_seq(self) -> int:

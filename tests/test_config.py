@@ -54,9 +54,6 @@ def test_unknown_preset_lists_the_valid_names():
      r"EngineConfig.scheduler.max_model_len=8192: expected <= model.max_position_embeddings=4096"),
     (lambda: EngineConfig(TINY, CacheConfig(num_layer_groups=3), SchedulerConfig(max_model_len=64)),
      r"EngineConfig.cache.num_layer_groups=3: expected <= model.num_layers=2"),
-    (lambda: EngineConfig(TINY, CacheConfig(block_size=16, num_device_blocks=4),
-                          SchedulerConfig(max_model_len=64)),
-     r"EngineConfig.cache.num_device_blocks=4: expected >= 5"),
     (lambda: EngineConfig("tiny"), r"EngineConfig.model='tiny': expected a ModelConfig"),
 ])
 def test_bad_values_name_the_field_and_what_is_allowed(make, message):

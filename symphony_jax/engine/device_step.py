@@ -1,0 +1,93 @@
+"""The engine's device work: admission with its token writes, and one fused step.
+
+Everything a step needs lives on the device — scheduler state, KV pool, every slot's tokens
+(prompt and generated) and sampling parameters — so a step is one dispatch: lay out the
+scheduled tokens, gather their ids, run the model, sample, append the sampled tokens, flag stops
+and commit. The host only reads back a few counts (to pick the step's shape bucket) and the
+sampled tokens (to stream them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from symphony_jax.config import EngineConfig
+from symphony_jax.engine.sampling import SamplingTable, is_stop, sample
+from symphony_jax.memory import layout as layout_lib
+from symphony_jax.memory.kv_cache import KVPool
+from symphony_jax.model import llama
+from symphony_jax.model.params import LlamaParams
+from symphony_jax.scheduler import admission
+from symphony_jax.scheduler import state as S
+from symphony_jax.scheduler import step as scheduler_step
+from symphony_jax.scheduler.policy import Policy
+
+i32 = jnp.int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeviceState:
+    """What the engine keeps on its device (R slots, L = max_model_len)."""
+
+    scheduler: S.SchedulerState
+    pool: KVPool
+    tokens: jax.Array  # i32[R, L]  each slot's sequence: prompt (history included), generated
+    sampling: SamplingTable
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepOutputs:
+    """What one step produced (B sequences in the batch, R slots)."""
+
+    seq_slots: jax.Array  # i32[B]  slot of each batch sequence (R: padding)
+    sampled: jax.Array  # i32[B]    token sampled for it (meaningful where ``samples``)
+    samples: jax.Array  # bool[B]   the sequence sampled a token this step
+    finished: jax.Array  # bool[R]  slots whose request finished this step
+    counters: S.Requests  # each slot's request after the step (ids and token counts)
+
+
+@functools.partial(jax.jit, donate_argnames="device", static_argnames="config")
+def admit(device: DeviceState, new: S.NewRequests, prompts: jax.Array, rows: SamplingTable, *,
+          config: EngineConfig):
+    """Admit ``new`` requests and write their prompts (``i32[N, L]``) and sampling rows into
+    their slots. Returns the device state, each request's slot and reason."""
+    scheduler, slots, reasons = admission.admit(device.scheduler, new, limits=config.scheduler)
+    target = jnp.where(reasons == S.ADMITTED, slots, device.tokens.shape[0])
+    return dataclasses.replace(
+        device, scheduler=scheduler, tokens=device.tokens.at[target].set(prompts, mode="drop"),
+        sampling=device.sampling.put(target, rows)), slots, reasons
+
+
+@functools.partial(jax.jit, donate_argnames="device", static_argnames=(
+    "num_seqs", "num_tokens", "decode", "config", "policy", "impl"))
+def run(device: DeviceState, params: LlamaParams, plan: scheduler_step.StepPlan, now, *,
+        num_seqs: int, num_tokens: int, decode: bool, config: EngineConfig, policy: Policy,
+        impl: str) -> tuple[DeviceState, StepOutputs]:
+    """Run the planned step in a batch of ``num_seqs`` sequences and ``num_tokens`` tokens
+    (buckets at least the plan's counts; ``decode``: every sequence runs one token)."""
+    scheduler = device.scheduler
+    R = scheduler.num_slots
+    seq_slots = plan.order[:num_seqs]
+    query_lens = plan.query_lens.at[seq_slots].get(mode="fill", fill_value=0)
+    layout = layout_lib.build(scheduler.blocks, seq_slots, query_lens, num_tokens=num_tokens)
+    ids = device.tokens.at[layout.token_slots, layout.positions].get(mode="fill", fill_value=0)
+    logits, pool = llama.forward(params, device.pool, ids, layout, config=config.model,
+                                 layer_groups=config.layer_groups, decode=decode, impl=impl)
+    samples = plan.samples.at[layout.seq_slots].get(mode="fill", fill_value=False)
+    generated = scheduler.requests.num_generated.at[layout.seq_slots].get(mode="fill",
+                                                                         fill_value=0)
+    table = device.sampling.at(layout.seq_slots)
+    sampled = sample(logits, table, generated)
+    # The sampled token is the sequence's next one: position = its context length.
+    writes = jnp.where(samples, layout.seq_slots, R)
+    tokens = device.tokens.at[writes, layout.context_lens].set(sampled, mode="drop")
+    stop = jnp.zeros(R, bool).at[writes].set(is_stop(sampled, table.stop_ids), mode="drop")
+    scheduler, finished = scheduler_step.commit(scheduler, plan, stop, now, policy=policy)
+    return (dataclasses.replace(device, scheduler=scheduler, pool=pool, tokens=tokens),
+            StepOutputs(layout.seq_slots, sampled, samples, finished, scheduler.requests))

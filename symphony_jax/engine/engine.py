@@ -1,0 +1,305 @@
+"""One node's engine: the scheduler and the model on one JAX device.
+
+Online: ``add_request`` (token ids or text), ``step`` (returns the tokens produced), ``abort``.
+Offline: ``generate``. Each ``step`` admits waiting requests, schedules on the device, reads
+back the plan's size to pick a shape bucket, dispatches the fused step (model, sampling, commit)
+and, while the device runs it, turns the previous step's sampled tokens into outputs — so the
+tokens of a step are returned by the next call. A request of a session continues the session:
+its prompt is the session's tokens so far followed by the new ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from symphony_jax import metrics
+from symphony_jax.config import EngineConfig
+from symphony_jax.engine import device_step
+from symphony_jax.engine.sampling import SamplingParams, SamplingTable
+from symphony_jax.memory import kv_cache
+from symphony_jax.model.params import LlamaParams
+from symphony_jax.scheduler import admission
+from symphony_jax.scheduler import state as S
+from symphony_jax.scheduler import step as scheduler_step
+from symphony_jax.scheduler.policy import Policy
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """Tokens a request produced since the last output, and whether it is over."""
+
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort" or "rejected: <why>"
+
+
+@dataclasses.dataclass
+class Generation:
+    request_id: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: int
+    prompt: list[int]  # history (its session's tokens so far) and the new tokens
+    history_len: int
+    sampling: SamplingParams
+    session_id: int
+    turn_index: int  # requests of its session before it
+    arrival_s: float
+    output: list[int] = dataclasses.field(default_factory=list)
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finish_s: float = float("nan")
+    finish_reason: str | None = None
+    slot: int | None = None
+    cached_tokens: int = 0  # prompt tokens cached on admission
+    computed_tokens: int = 0  # prompt tokens computed (recomputation included)
+    recomputed_tokens: int = 0  # of which history
+
+
+def buckets(limit: int, smallest: int = 1) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` up to ``limit``, and ``limit`` itself."""
+    sizes = [1 << i for i in range(max(0, smallest - 1).bit_length(), limit.bit_length())]
+    return tuple(sorted({s for s in sizes if s < limit} | {limit}))
+
+
+def fit(sizes: tuple[int, ...], count: int) -> int:
+    return next(s for s in sizes if s >= count)
+
+
+class Engine:
+    """A paged-KV serving engine for one model on one device."""
+
+    def __init__(self, config: EngineConfig, params: LlamaParams, *, policy: Policy = Policy(),
+                 tokenizer=None, eos_token_ids: Sequence[int] = (), impl: str = "auto",
+                 device=None, admit_batch: int = 8, max_stop_ids: int = 8,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config, self.policy, self.tokenizer, self.impl = config, policy, tokenizer, impl
+        self.eos_token_ids = tuple(eos_token_ids or getattr(tokenizer, "eos_token_ids", ()))
+        self.admit_batch, self.max_stop_ids, self.clock = admit_batch, max_stop_ids, clock
+        self.device_ = device or jax.devices()[0]
+        put = lambda tree: jax.device_put(tree, self.device_)
+        self.params = put(params)
+        slots, limits = config.scheduler.slots, config.scheduler
+        self.device = put(device_step.DeviceState(
+            scheduler=S.init(config), pool=kv_cache.create(config.model, config.cache),
+            tokens=jnp.zeros((slots, limits.max_model_len), jnp.int32),
+            sampling=SamplingTable.create(slots, max_stop_ids)))
+        self.seq_buckets = buckets(limits.max_num_seqs)
+        self.token_buckets = buckets(limits.max_num_batched_tokens, smallest=16)
+        self.start = clock()
+        self.requests: dict[int, _Request] = {}
+        self.sessions: dict[int, list[int]] = {}  # a session's tokens so far
+        self.turns: dict[int, int] = {}  # requests seen per session
+        self.unfinished = 0
+        self.pending: list[_Request] = []
+        self.aborting: list[int] = []
+        self.slot_request = np.full(slots, -1, np.int64)  # request in each slot
+        self.inflight = None  # the last dispatched step's outputs and slot owners
+        self.ids = itertools.count()
+        self.done: list[RequestOutput] = []  # outputs decided on the host, not yet returned
+
+    # ---------------------------------------------------------------- the online API
+
+    def now(self) -> float:
+        return self.clock() - self.start
+
+    def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
+                    *, session_id: int | None = None) -> int:
+        """Queue a request; returns its id. ``prompt`` is text (needs a tokenizer) or token ids
+        — the new tokens only, when it continues a session."""
+        sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling={sampling!r}: expected a SamplingParams")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("add_request: a text prompt needs the engine's tokenizer")
+            prompt = self.tokenizer.encode(prompt)
+        new = [int(t) for t in prompt]
+        vocab = self.config.model.vocab_size
+        if not new or any(not 0 <= t < vocab for t in new):
+            raise ValueError(f"add_request: prompt must be 1 or more token ids in [0, {vocab}), "
+                             f"got {len(new)} tokens")
+        if session_id is not None and (not isinstance(session_id, (int, np.integer))
+                                       or session_id < 0):
+            raise ValueError(f"add_request: session_id={session_id!r}, expected None or an "
+                             "integer >= 0")
+        session = S.NO_SESSION if session_id is None else int(session_id)
+        history = self.sessions.get(session, [])
+        turn = self.turns.get(session, 0)
+        self.turns[session] = turn + 1
+        request = _Request(next(self.ids), history + new, len(history), sampling, session, turn,
+                           self.now())
+        self.requests[request.request_id] = request
+        self.unfinished += 1
+        if len(request.prompt) + sampling.max_tokens > self.config.scheduler.max_model_len:
+            self._finish(request, f"rejected: {S.REASONS[S.TOO_LONG]}")
+        else:
+            self.pending.append(request)
+        return request.request_id
+
+    def abort(self, request_id: int) -> None:
+        request = self.requests.get(request_id)
+        if request is None or request.finish_reason is not None:
+            return
+        if request in self.pending:
+            self.pending.remove(request)
+            self._finish(request, "abort")
+        else:
+            self.aborting.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.unfinished or self.inflight is not None or self.done)
+
+    def step(self) -> list[RequestOutput]:
+        """Admit, schedule and dispatch one step; return the tokens of the previous one."""
+        self._apply_aborts()
+        self._admit()
+        scheduler, plan = scheduler_step.schedule(self.device.scheduler, self.now(),
+                                                  limits=self.config.scheduler,
+                                                  policy=self.policy)
+        self.device = dataclasses.replace(self.device, scheduler=scheduler)
+        num_seqs, num_tokens, decode = (int(x) for x in jax.device_get(
+            (plan.num_seqs, plan.num_tokens, plan.decode_only)))
+        previous, self.inflight = self.inflight, None
+        if num_seqs:
+            seqs = fit(self.seq_buckets, num_seqs)
+            tokens = seqs if decode else fit(self.token_buckets, max(num_tokens, seqs))
+            self.device, outputs = device_step.run(
+                self.device, self.params, plan, self.now(), num_seqs=seqs, num_tokens=tokens,
+                decode=bool(decode), config=self.config, policy=self.policy, impl=self.impl)
+            self.inflight = (outputs, self.slot_request.copy())
+        return self._collect(previous)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 ) -> list[Generation]:
+        """Run ``prompts`` to completion (offline) and return them in order."""
+        params = sampling if isinstance(sampling, Sequence) else [sampling] * len(prompts)
+        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        while self.has_unfinished():
+            self.step()
+        return [self.result(i) for i in ids]
+
+    def result(self, request_id: int) -> Generation:
+        r = self.requests[request_id]
+        text = self.tokenizer.decode(r.output) if self.tokenizer else None
+        return Generation(request_id, list(r.output), text, r.finish_reason)
+
+    def records(self) -> metrics.RequestRecords:
+        """Every request so far as ``metrics.RequestRecords`` (times in seconds since the
+        engine started), for the metrics of ``symphony_jax.metrics``."""
+        rs = list(self.requests.values())
+        first = [r.token_times[0] if r.token_times else np.nan for r in rs]
+        return metrics.RequestRecords(
+            request_id=[r.request_id for r in rs], session_id=[r.session_id for r in rs],
+            turn_index=[r.turn_index for r in rs], node=[0 if r.slot is not None else -1 for r in rs],
+            arrival_s=[r.arrival_s for r in rs], advisory_s=[np.nan] * len(rs),
+            first_token_s=first, finish_s=[r.finish_s if r.output else np.nan for r in rs],
+            input_tokens=[len(r.prompt) for r in rs], output_tokens=[len(r.output) for r in rs],
+            prefill_tokens=[r.computed_tokens for r in rs],
+            recomputed_tokens=[r.recomputed_tokens for r in rs])
+
+    # ---------------------------------------------------------------- internals
+
+    def _finish(self, request: _Request, reason: str) -> None:
+        request.finish_reason, request.finish_s = reason, self.now()
+        self.unfinished -= 1
+        if request.slot is not None and self.slot_request[request.slot] == request.request_id:
+            self.slot_request[request.slot] = -1
+        if request.session_id != S.NO_SESSION and not reason.startswith("rejected"):
+            self.sessions[request.session_id] = request.prompt + request.output
+        self.done.append(RequestOutput(request.request_id, [], True, reason))
+
+    def _apply_aborts(self) -> None:
+        slots = [self.requests[i].slot for i in self.aborting]
+        if not slots:
+            return
+        size = fit(buckets(self.config.scheduler.slots), len(slots))
+        padded = np.full(size, self.config.scheduler.slots, np.int32)
+        padded[: len(slots)] = slots
+        self.device = dataclasses.replace(self.device, scheduler=admission.abort(
+            self.device.scheduler, jnp.asarray(padded)))
+        for request_id in self.aborting:
+            self._finish(self.requests[request_id], "abort")
+        self.aborting = []
+
+    def _admit(self) -> None:
+        batch, self.pending = self.pending[: self.admit_batch], self.pending[self.admit_batch:]
+        if not batch:
+            return
+        n, width = self.admit_batch, self.config.scheduler.max_model_len
+        prompts = np.zeros((n, width), np.int32)
+        for i, r in enumerate(batch):
+            prompts[i, : len(r.prompt)] = r.prompt
+        new = S.new_requests(
+            [r.request_id for r in batch], [len(r.prompt) for r in batch],
+            [r.sampling.max_tokens for r in batch], session_id=[r.session_id for r in batch],
+            history_len=[r.history_len for r in batch], arrival=[r.arrival_s for r in batch],
+            size=n)
+        rows = SamplingTable.rows([r.sampling for r in batch],
+                                  [r.request_id if r.sampling.seed is None else r.sampling.seed
+                                   for r in batch], self.eos_token_ids, self.max_stop_ids, n)
+        self.device, slots, reasons = device_step.admit(self.device, new, jnp.asarray(prompts),
+                                                        rows, config=self.config)
+        slots, reasons = jax.device_get((slots, reasons))
+        for r, slot, reason in zip(batch, slots, reasons):
+            if reason == S.ADMITTED:
+                r.slot = int(slot)
+                self.slot_request[slot] = r.request_id
+            else:
+                self._finish(r, f"rejected: {S.REASONS[reason]}")
+
+    def _collect(self, inflight) -> list[RequestOutput]:
+        """Outputs of a dispatched step (already complete or nearly), and host decisions."""
+        outputs, self.done = self.done, []
+        if inflight is None:
+            return outputs
+        step_outputs, owners = inflight
+        seq_slots, sampled, samples, finished = jax.device_get(
+            (step_outputs.seq_slots, step_outputs.sampled, step_outputs.samples,
+             step_outputs.finished))
+        now = self.now()
+        produced = {}
+        for slot, token, sampled_one in zip(seq_slots, sampled, samples):
+            if sampled_one and slot < len(owners) and owners[slot] >= 0:
+                request = self.requests[int(owners[slot])]
+                if request.finish_reason is None:  # an abort may have overtaken the step
+                    request.output.append(int(token))
+                    request.token_times.append(now)
+                    produced[request.request_id] = [int(token)]
+        for request_id, tokens in produced.items():
+            outputs.append(RequestOutput(request_id, tokens))
+        self._account(owners, step_outputs.counters)
+        for slot in np.flatnonzero(finished):
+            request = self.requests[int(owners[slot])]
+            if request.finish_reason is None:
+                stops = set(request.sampling.stop_token_ids) | (
+                    set() if request.sampling.ignore_eos else set(self.eos_token_ids))
+                reason = "stop" if request.output[-1] in stops else "length"
+                self._finish(request, reason)
+        outputs.extend(self.done)
+        self.done = []
+        return outputs
+
+    def _account(self, owners: np.ndarray, r: S.Requests) -> None:
+        """Copy the scheduler's per-request token counts (after a step) to the host records."""
+        cached, computed, recomputed, ids = jax.device_get(
+            (r.cached_at_admission, r.computed, r.recomputed_history, r.request_id))
+        for slot in np.flatnonzero(owners >= 0):
+            request = self.requests[int(owners[slot])]
+            if ids[slot] == request.request_id:
+                request.cached_tokens = int(cached[slot])
+                request.computed_tokens = int(computed[slot])
+                request.recomputed_tokens = int(recomputed[slot])

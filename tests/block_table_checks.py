@@ -11,10 +11,12 @@ def snapshot(table: bt.BlockTable) -> dict[str, np.ndarray]:
             for name in ("block_ids", "num_tokens", "ref_counts", "free_stack", "free_top")}
 
 
-def check_structure(table: dict[str, np.ndarray], block_size: int) -> None:
+def check_structure(table: dict[str, np.ndarray], block_size: int,
+                    held_outside=None) -> None:
     """Every block is free or referenced, never both; reference counts equal the table's
-    references; rows hold distinct blocks and nothing past their length; free + used equals
-    the pool less the null block, which is never free."""
+    references plus those ``held_outside`` (int[G, NB], e.g. a cache's); rows hold distinct
+    blocks and nothing past their length; free + used equals the pool less the null block,
+    which is never free."""
     num_blocks = table["ref_counts"].shape[-1]
     max_blocks = table["block_ids"].shape[-1]
     for g in range(table["free_top"].shape[0]):
@@ -26,6 +28,8 @@ def check_structure(table: dict[str, np.ndarray], block_size: int) -> None:
         for row, n in zip(block_ids, live.sum(1)):
             assert len(set(row[:n])) == n, "a row holds a block twice"
         references = np.bincount(block_ids[live], minlength=num_blocks)
+        if held_outside is not None:
+            references = references + held_outside[g]
         np.testing.assert_array_equal(ref_counts, references, "reference counts")
         free = table["free_stack"][g, :top]
         assert len(set(free.tolist())) == top, "a block is free twice"

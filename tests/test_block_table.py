@@ -171,3 +171,24 @@ def test_create_validates(kwargs, field):
     args = dict(num_slots=S, num_blocks=NB, max_blocks_per_seq=MB, block_size=BS) | kwargs
     with pytest.raises(ValueError, match=field):
         bt.create(**args)
+
+
+def test_release_and_retain_ignore_unreferenced_blocks():
+    table, _ = bt.allocate(bt.create(S, NB, MB, BS), [0], [4])  # holds block 1
+    before = jax.tree.map(np.asarray, table)
+    table = bt.release(table, [5, 0, -3, NB])  # 5 is free; the rest are not blocks
+    table = bt.retain(table, [5, 0, -3, NB])
+    for name in ("ref_counts", "free_stack", "free_top"):
+        np.testing.assert_array_equal(getattr(table, name), getattr(before, name), name)
+
+
+def test_adopted_blocks_are_shared_and_outlive_their_first_holder():
+    table, _ = bt.allocate(bt.create(S, NB, MB, BS), [0], [12])  # blocks 1, 2, 3 (full)
+    table = bt.retain(table, [1, 2])  # e.g. a cache keeps the first two
+    table = bt.free(table, [0])
+    assert np.asarray(table.ref_counts[0, 1:4]).tolist() == [1, 1, 0]
+    table, ok = bt.adopt(table, [2], [[1, 2, 0, 0]], [2])
+    assert np.asarray(ok).tolist() == [[True]] and rows(table)[2] == [1, 2, 0, 0]
+    assert int(table.num_tokens[0, 2]) == 2 * BS
+    table, ok = bt.adopt(table, [3], [[1, 3, 0, 0]], [2])  # block 3 is free: refused
+    assert not np.asarray(ok).any() and int(table.num_tokens[0, 3]) == 0

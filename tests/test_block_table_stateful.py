@@ -29,6 +29,17 @@ class BlockTableMachine(RuleBasedStateMachine):
         super().__init__()
         self.table = bt.create(S, NB, MB, BS, num_groups=self.num_groups)
         self.models = [PyBlockAllocator(S, NB, MB, BS) for _ in range(self.num_groups)]
+        self.held = [[] for _ in range(self.num_groups)]  # model blocks held outside slots
+        self.renaming: dict[tuple[int, int], int] = {}  # (group, model block) -> table block
+
+    def one_group(self, data) -> tuple[int, np.ndarray | None]:
+        """A group to act on alone (its block ids are its own)."""
+        g = data.draw(st.integers(0, self.num_groups - 1))
+        return g, None if self.num_groups == 1 else np.arange(self.num_groups) == g
+
+    def table_ids(self, g: int, model_blocks) -> list[int]:
+        renaming = self.block_renaming()
+        return [renaming[(g, b)] for b in model_blocks]
 
     def draw_groups(self, data):
         if self.num_groups == 1:
@@ -134,20 +145,70 @@ class BlockTableMachine(RuleBasedStateMachine):
             assert mapping[g].tolist() == expected
 
     def block_renaming(self) -> dict[tuple[int, int], int]:
-        """(group, model block) -> table block; asserts it is one-to-one over live entries."""
+        """(group, model block) -> table block, for every referenced block; asserts it is
+        one-to-one. Blocks held only outside slots keep the name they had in a row."""
         table = snapshot(self.table)
-        forward, backward = {}, {}
+        forward = {key: block for key, block in self.renaming.items()
+                   if self.models[key[0]].ref_counts[key[1]] > 0}
         for g, model in enumerate(self.models):
             for slot, row in enumerate(model.blocks):
                 for col, model_block in enumerate(row):
                     block = int(table["block_ids"][g, slot, col])
                     assert forward.setdefault((g, model_block), block) == block
-                    assert backward.setdefault((g, block), model_block) == model_block
+        backward = {(g, block): mb for (g, mb), block in forward.items()}
+        assert len(backward) == len(forward), "two model blocks share a table block"
+        self.renaming = forward
         return forward
+
+    @rule(data=st.data())
+    def retain_live_blocks(self, data):
+        g, groups = self.one_group(data)
+        live = sorted({b for row in self.models[g].blocks for b in row})
+        if not live:
+            return
+        picks = data.draw(st.lists(st.sampled_from(live), min_size=1, max_size=B, unique=True))
+        ids = self.table_ids(g, picks)
+        self.table = bt.retain(self.table, ids + [0] * (B - len(ids)), groups)
+        self.models[g].retain(picks)
+        self.held[g] += picks
+
+    @rule(data=st.data())
+    def release_held_blocks(self, data):
+        g, groups = self.one_group(data)
+        if not self.held[g]:
+            return
+        picks = data.draw(st.lists(st.integers(0, len(self.held[g]) - 1), min_size=1,
+                                   max_size=min(B, len(self.held[g])), unique=True))
+        blocks = [self.held[g][i] for i in picks]
+        ids = self.table_ids(g, blocks)
+        self.table = bt.release(self.table, ids + [-1] * (B - len(ids)), groups)
+        self.models[g].release(blocks)
+        for i in sorted(picks, reverse=True):
+            del self.held[g][i]
+
+    @rule(data=st.data())
+    def adopt_held_or_live_blocks(self, data):
+        g, groups = self.one_group(data)
+        model = self.models[g]
+        referenced = sorted({b for row in model.blocks for b in row} | set(self.held[g]))
+        empty = [s for s in range(S) if model.tokens[s] == 0]
+        if not referenced or not empty:
+            return
+        slot = data.draw(st.sampled_from(empty))
+        row = data.draw(st.lists(st.sampled_from(referenced), max_size=MB, unique=True))
+        ids = self.table_ids(g, row) + [0] * (MB - len(row))
+        self.table, ok = bt.adopt(self.table, [slot], [ids], [len(row)], groups)
+        expected = model.adopt([slot], [row + [0] * (MB - len(row))], [len(row)])
+        assert bool(np.asarray(ok)[g, 0]) == expected[0]
 
     @invariant()
     def structure_holds(self):
-        check_structure(snapshot(self.table), BS)
+        renaming = self.block_renaming()
+        held = np.zeros((self.num_groups, NB), np.int64)
+        for g, blocks in enumerate(self.held):
+            for b in blocks:
+                held[g, renaming[(g, b)]] += 1
+        check_structure(snapshot(self.table), BS, held)
 
     @invariant()
     def agrees_with_model(self):
@@ -158,7 +219,12 @@ class BlockTableMachine(RuleBasedStateMachine):
         self.block_renaming()
 
     def teardown(self):
-        """Freeing every slot restores the initial state (up to the order of the free stack)."""
+        """Releasing every held block and freeing every slot restores the initial state (up to
+        the order of the free stack)."""
+        for g in range(self.num_groups):
+            groups = None if self.num_groups == 1 else np.arange(self.num_groups) == g
+            for block in self.table_ids(g, self.held[g]):
+                self.table = bt.release(self.table, [block], groups)
         self.table = bt.free(self.table, np.arange(S))
         table = snapshot(self.table)
         assert (table["free_top"] == NB - 1).all()

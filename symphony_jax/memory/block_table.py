@@ -207,34 +207,74 @@ def _reserve_one(t, slots, num_new_tokens, active, width):
     return _append(t, slots, num_new_tokens, active & _first_valid(slots, t.num_slots), width)
 
 
+def _release(t: BlockTable, ids: jax.Array, mask: jax.Array) -> BlockTable:
+    """Drop one reference to each block ``ids[e]`` where ``mask[e]``; blocks left unreferenced
+    are pushed onto the free stack, each once even if several entries named it."""
+    NB = t.num_blocks
+    ids, mask = ids.reshape(-1), mask.reshape(-1)
+    held = _sentinel(ids, NB, mask)
+    ref_counts = t.ref_counts.at[held].add(-1, mode="drop")
+    # A block whose count reached zero is pushed once, by the last of the entries that
+    # referenced it: they all write their (negative, distinct) tags with a scatter-min and only
+    # the winner reads its own tag back. Then the count is restored to zero.
+    released = mask & (ref_counts.at[held].get(mode="fill", fill_value=1) == 0)
+    released_ids = _sentinel(ids, NB, released)
+    tags = -1 - jnp.arange(ids.size, dtype=i32)
+    ref_counts = ref_counts.at[released_ids].min(tags, mode="drop")
+    push = released & (ref_counts.at[released_ids].get(mode="fill", fill_value=0) == tags)
+    ref_counts = ref_counts.at[released_ids].set(0, mode="drop")
+    position = t.free_top + _cumsum(push.astype(i32)) - 1
+    return dataclasses.replace(
+        t, ref_counts=ref_counts,
+        free_stack=t.free_stack.at[_sentinel(position, NB, push)].set(ids, mode="drop"),
+        free_top=t.free_top + push.sum(dtype=i32))
+
+
 def _free_one(t: BlockTable, slots: jax.Array, active: jax.Array) -> BlockTable:
-    S, NB, MB = t.num_slots, t.num_blocks, t.max_blocks_per_seq
+    S, MB = t.num_slots, t.max_blocks_per_seq
     valid = active & _first_valid(slots, S)
     rows = t.block_ids.at[slots].get(mode="fill", fill_value=0)  # [B, MB]
     num_blocks = _cdiv(t.num_tokens.at[slots].get(mode="fill", fill_value=0), t.block_size)
     owned = valid[:, None] & (jnp.arange(MB, dtype=i32)[None, :] < num_blocks[:, None])
-    owned_ids = _sentinel(rows, NB, owned)
-    ref_counts = t.ref_counts.at[owned_ids].add(-1, mode="drop")
-    # A block whose count reached zero is pushed once, by the last of the freed entries that
-    # referenced it: they all write their (negative, distinct) tags with a scatter-min and only
-    # the winner reads its own tag back. Then the count is restored to zero.
-    released = owned & (ref_counts.at[owned_ids].get(mode="fill", fill_value=1) == 0)
-    released_ids = _sentinel(rows, NB, released)
-    tags = -1 - jnp.arange(rows.size, dtype=i32).reshape(rows.shape)
-    ref_counts = ref_counts.at[released_ids].min(tags, mode="drop")
-    push = released & (ref_counts.at[released_ids].get(mode="fill", fill_value=0) == tags)
-    ref_counts = ref_counts.at[released_ids].set(0, mode="drop")
-    push, rows = push.reshape(-1), rows.reshape(-1)
-    position = t.free_top + _cumsum(push.astype(i32)) - 1
+    t = _release(t, rows, owned)
     cleared = _sentinel(slots, S, valid)
+    return dataclasses.replace(t, block_ids=t.block_ids.at[cleared].set(0, mode="drop"),
+                               num_tokens=t.num_tokens.at[cleared].set(0, mode="drop"))
+
+
+def _release_one(t: BlockTable, blocks: jax.Array, active: jax.Array) -> BlockTable:
+    held = _sentinel(blocks, t.num_blocks, active & (blocks > 0))
+    referenced = t.ref_counts.at[held].get(mode="fill", fill_value=0) > 0
+    return _release(t, blocks, referenced)
+
+
+def _retain_one(t: BlockTable, blocks: jax.Array, active: jax.Array) -> BlockTable:
+    held = _sentinel(blocks, t.num_blocks, active & (blocks > 0))
+    referenced = t.ref_counts.at[held].get(mode="fill", fill_value=0) > 0
+    return dataclasses.replace(t, ref_counts=t.ref_counts.at[
+        _sentinel(held, t.num_blocks, referenced)].add(1, mode="drop"))
+
+
+def _adopt_one(t: BlockTable, slots: jax.Array, blocks: jax.Array, counts: jax.Array,
+               active: jax.Array):
+    """Empty slots take the referenced blocks ``blocks[b, :counts[b]]`` as their first blocks,
+    full: one more reference each."""
+    S, NB, MB = t.num_slots, t.num_blocks, t.max_blocks_per_seq
+    cols = jnp.arange(MB, dtype=i32)[None, :]
+    taken = cols < counts[:, None]
+    referenced = t.ref_counts.at[_sentinel(blocks, NB, blocks > 0)].get(mode="fill",
+                                                                       fill_value=0) > 0
+    empty = t.num_tokens.at[slots].get(mode="fill", fill_value=1) == 0
+    ok = (active & _first_valid(slots, S) & empty & (counts >= 0) & (counts <= MB)
+          & jnp.all(referenced | ~taken, axis=1))
+    rows = jnp.where(ok[:, None] & taken, blocks, 0)
+    written = _sentinel(slots, S, ok)
     return dataclasses.replace(
         t,
-        block_ids=t.block_ids.at[cleared].set(0, mode="drop"),
-        num_tokens=t.num_tokens.at[cleared].set(0, mode="drop"),
-        ref_counts=ref_counts,
-        free_stack=t.free_stack.at[_sentinel(position, NB, push)].set(rows, mode="drop"),
-        free_top=t.free_top + push.sum(dtype=i32),
-    )
+        block_ids=t.block_ids.at[written].set(rows, mode="drop"),
+        num_tokens=t.num_tokens.at[written].set(counts * t.block_size, mode="drop"),
+        ref_counts=t.ref_counts.at[_sentinel(rows, NB, rows > 0)].add(1, mode="drop"),
+    ), ok
 
 
 def _fork_one(t: BlockTable, src: jax.Array, dst: jax.Array, active: jax.Array):
@@ -350,6 +390,22 @@ def _free(table, slots, groups):
 
 
 @functools.partial(jax.jit, donate_argnames="table")
+def _release_blocks(table, blocks, groups):
+    return _over_groups(_release_one, table, groups, blocks)
+
+
+@functools.partial(jax.jit, donate_argnames="table")
+def _retain_blocks(table, blocks, groups):
+    return _over_groups(_retain_one, table, groups, blocks)
+
+
+@functools.partial(jax.jit, donate_argnames="table")
+def _adopt(table, slots, blocks, counts, groups):
+    slots = _sentinel(slots, table.num_slots)
+    return _over_groups(_adopt_one, table, groups, slots, blocks, counts)
+
+
+@functools.partial(jax.jit, donate_argnames="table")
 def _fork(table, src, dst, groups):
     src, dst = _sentinel(src, table.num_slots), _sentinel(dst, table.num_slots)
     return _over_groups(_fork_one, table, groups, src, dst)
@@ -396,6 +452,36 @@ def free(table: BlockTable, slots, groups=None) -> BlockTable:
     """Release the slots: their blocks lose a reference, blocks left unreferenced become free."""
     (slots,) = _batch("free", slots=slots)
     return _free(table, slots, _check_groups("free", table, groups))
+
+
+def release(table: BlockTable, blocks, groups=None) -> BlockTable:
+    """Drop one reference to each of ``blocks`` (int[K]; entries outside ``[1, num_blocks)`` and
+    unreferenced blocks are ignored): blocks left unreferenced become free. For references held
+    outside any slot, such as a prefix cache's; a caller releases only references it holds."""
+    (blocks,) = _batch("release", blocks=blocks)
+    return _release_blocks(table, blocks, _check_groups("release", table, groups))
+
+
+def retain(table: BlockTable, blocks, groups=None) -> BlockTable:
+    """One more reference to each referenced block of ``blocks`` (int[K]; unreferenced blocks
+    and entries outside ``[1, num_blocks)`` are ignored), held outside any slot."""
+    (blocks,) = _batch("retain", blocks=blocks)
+    return _retain_blocks(table, blocks, _check_groups("retain", table, groups))
+
+
+def adopt(table: BlockTable, slots, blocks, counts, groups=None) -> tuple[BlockTable, jax.Array]:
+    """Give each empty slot ``slots[b]`` the already referenced (e.g. cached) blocks
+    ``blocks[b, :counts[b]]`` as its first, full, blocks: one more reference each.
+
+    ``blocks: int[B, max_blocks_per_seq]``. Fails (changing nothing) for a slot that is not
+    empty or repeated, or a block that is not referenced. Returns the table and ``ok[G, B]``.
+    """
+    slots, counts = _batch("adopt", slots=slots, counts=counts)
+    blocks = jnp.asarray(blocks, i32)
+    if blocks.shape != (slots.shape[0], table.max_blocks_per_seq):
+        raise ValueError(f"block_table.adopt: blocks must be int[{slots.shape[0]}, "
+                         f"{table.max_blocks_per_seq}], got {list(blocks.shape)}")
+    return _adopt(table, slots, blocks, counts, _check_groups("adopt", table, groups))
 
 
 def fork(table: BlockTable, src, dst, groups=None) -> tuple[BlockTable, jax.Array, BlockCopies]:

@@ -79,6 +79,32 @@ class PyBlockAllocator:
                     self.free_list.append(block)
             self.blocks[slot], self.tokens[slot] = [], 0
 
+    def retain(self, blocks) -> None:
+        for block in blocks:
+            if 0 < block < self.num_blocks and self.ref_counts[block] > 0:
+                self.ref_counts[block] += 1
+
+    def release(self, blocks) -> None:
+        for block in blocks:
+            if 0 < block < self.num_blocks and self.ref_counts[block] > 0:
+                self.ref_counts[block] -= 1
+                if self.ref_counts[block] == 0:
+                    self.free_list.append(block)
+
+    def adopt(self, slots, blocks, counts) -> list[bool]:
+        """Empty slots take already referenced blocks as their first, full, blocks."""
+        ok = []
+        for slot, row, count, valid in zip(slots, blocks, counts, self._first_valid(slots)):
+            taken = list(row[:count]) if 0 <= count <= self.max_blocks_per_seq else None
+            good = (valid and self.tokens[slot] == 0 and taken is not None
+                    and all(0 < b < self.num_blocks and self.ref_counts[b] > 0 for b in taken))
+            ok.append(good)
+            if good:
+                for block in taken:
+                    self.ref_counts[block] += 1
+                self.blocks[slot], self.tokens[slot] = taken, count * self.block_size
+        return ok
+
     def fork(self, src, dst) -> tuple[list[bool], list[tuple[int, int]]]:
         """Returns the ok flags and the (src block, dst block) pairs to copy."""
         bs = self.block_size

@@ -172,3 +172,16 @@ def test_stop_tokens_end_generation():
     out = Engine(ROOMY, PARAMS).generate(batch, SamplingParams(max_tokens=8,
                                                                stop_token_ids=(stop,)))[0]
     assert out.token_ids == free[: free.index(stop) + 1] and out.finish_reason == "stop"
+
+
+def test_prefix_cache_hits_are_exact():
+    """A prompt sharing a cached prefix starts from it and generates what it would without."""
+    shared = prompts(7, [35])[0]
+    a, b = shared + [1, 2, 3], shared + [9, 8]
+    engine = Engine(ROOMY, PARAMS, policy=Policy(prefix_caching=True))
+    first = engine.generate([a], GREEDY)[0]
+    second = engine.generate([b], GREEDY)[0]
+    assert engine.requests[second.request_id].cached_tokens == 32  # 4 full blocks of 8
+    assert engine.records().prefill_tokens.tolist() == [len(a), len(b) - 32]
+    assert [first.token_ids, second.token_ids] == tokens_of(
+        Engine(ROOMY, PARAMS).generate([a, b], GREEDY))

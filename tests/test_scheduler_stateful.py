@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from block_table_checks import check_structure, snapshot
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
-from symphony_jax.scheduler import admission, step
+from symphony_jax.scheduler import admission, prefix_cache, step
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler.policy import Policy
 
@@ -101,7 +101,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                              priority=[r["priority"] for r in batch],
                              arrival=[self.now] * len(batch), size=N)
         table = self.table()
-        self.state, slots, reasons = admission.admit(self.state, new, limits=self.limits)
+        self.state, slots, reasons = admission.admit(
+            self.state, new, limits=self.limits, policy=self.policy,
+            prompt_keys=self.prompt_keys(batch, ids))
         slots, reasons = np.asarray(slots)[: len(batch)], np.asarray(reasons)[: len(batch)]
         assert reasons.tolist() == self.expected_reasons(batch, table)
         after = self.table()
@@ -126,13 +128,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         samples = np.asarray(plan.samples)
         np.testing.assert_array_equal(samples, (q > 0) & (before["cached"] * (q > 0) + q == known))
         self.state, finished = step.commit(self.state, plan, jnp.asarray(stops), self.now,
-                                           policy=self.policy)
+                                           policy=self.policy, **self.commit_keys(before))
         finished = np.asarray(finished)
         for slot in np.flatnonzero(finished):
             rid = int(before["request_id"][slot])
             assert rid in self.active, "a request finished twice or was never admitted"
             del self.active[rid]
         self.now += 1.0
+
+    def prompt_keys(self, batch, ids):
+        """Block keys of the arriving prompts (prefix caching only)."""
+        return None
+
+    def commit_keys(self, before) -> dict:
+        """Block keys of every slot's sequence for commit (prefix caching only)."""
+        return {}
 
     def check_waiting_order(self, before, q, preempted):
         waiting = [s for s in range(LIMITS.slots)
@@ -153,7 +163,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert (table["cached"][table["status"] == S.EMPTY] == 0).all()
         known = table["prompt_len"] + table["num_generated"]
         assert (table["cached"][active] < known[active] + 1).all()
-        check_structure(snapshot(self.state.blocks), BS)
+        check_structure(snapshot(self.state.blocks), BS, self.cache_references())
+
+    def cache_references(self):
+        return None
 
     def teardown(self):
         """Every admitted request finishes: the head of the order always makes progress."""
@@ -199,3 +212,91 @@ def test_abort_frees_the_slot_and_its_blocks():
     assert (np.asarray(state.requests.status) == S.EMPTY).all()
     assert int(state.blocks.free_top[0]) == BLOCKS - 1
     check_structure(snapshot(state.blocks), BS)
+
+
+class PrefixCachingMachine(SchedulerMachine):
+    """Prompts share prefixes drawn from a few families; finished blocks are cached."""
+
+    policy = Policy(retention="keep", prefix_caching=True)
+    families = st.integers(0, 2)
+
+    def __init__(self):
+        super().__init__()
+        self.keys: dict[int, np.ndarray] = {}  # request id -> u32[MB, 2] keys of its sequence
+
+    def prompt_keys(self, batch, ids):
+        width = self.state.blocks.max_blocks_per_seq
+        keys = np.zeros((N, width, 2), np.uint32)
+        for i, (rid, req) in enumerate(zip(ids, batch)):
+            # The first blocks of a prompt come from its family, then its own blocks follow.
+            family, shared = rid % 3, (rid * 7) % (width + 1)
+            row = [(family + 1, j + 1) if j < shared else (1000 + rid, j + 1)
+                   for j in range(width)]
+            self.keys[rid] = np.asarray(row, np.uint32)
+            full = max(req["prompt"], 0) // BS
+            keys[i, :full] = self.keys[rid][:full]
+        return jnp.asarray(keys)
+
+    def commit_keys(self, before) -> dict:
+        width = self.state.blocks.max_blocks_per_seq
+        keys = np.zeros((self.limits.slots, width, 2), np.uint32)
+        for slot, rid in enumerate(before["request_id"]):
+            if rid in self.keys:
+                keys[slot] = self.keys[rid]
+        return dict(seq_slots=jnp.arange(self.limits.slots, dtype=jnp.int32),
+                    block_keys=jnp.asarray(keys))
+
+    def cache_references(self):
+        cache = self.state.cache
+        cached = (np.asarray(cache.block_keys) != 0).any(-1)
+        return cached[None].astype(np.int64)
+
+    @invariant()
+    def cache_is_consistent(self):
+        """Every cached block sits in its key's bucket and is referenced; buckets agree."""
+        cache, NB = self.state.cache, BLOCKS
+        keys, blocks = np.asarray(cache.keys), np.asarray(cache.blocks)
+        block_keys = np.asarray(cache.block_keys)
+        ref_counts = np.asarray(self.state.blocks.ref_counts[0])
+        for bucket in np.flatnonzero(blocks < NB):
+            block = blocks[bucket]
+            assert (block_keys[block] == keys[bucket]).all() and ref_counts[block] >= 1
+        cached = np.flatnonzero((block_keys != 0).any(-1))
+        assert sorted(blocks[blocks < NB].tolist()) == cached.tolist()
+
+
+TestSchedulerPrefixCaching = PrefixCachingMachine.TestCase
+TestSchedulerPrefixCaching.settings = STEPS
+
+
+def test_a_prompt_starts_from_its_cached_prefix():
+    policy = Policy(prefix_caching=True)
+    state = S.init(CONFIG)
+    width = state.blocks.max_blocks_per_seq
+    keys = np.zeros((1, width, 2), np.uint32)
+    keys[0, :3] = [(7, 1), (7, 2), (7, 3)]
+    first = S.new_requests([0], [13], [1])  # 3 full blocks of 4, then one token
+    state, slots, _ = admission.admit(state, first, limits=LIMITS, policy=policy,
+                                      prompt_keys=jnp.asarray(keys))
+    state, plan = step.schedule(state, 0.0, limits=LIMITS, policy=policy)
+    state, plan = step.schedule(step.commit(state, plan, jnp.zeros(LIMITS.slots, bool), 0.0,
+                                            policy=policy)[0], 1.0, limits=LIMITS,
+                                policy=policy)  # the prompt's second chunk
+    full_keys = np.zeros((LIMITS.slots, width, 2), np.uint32)
+    full_keys[int(slots[0])] = keys[0]
+    state, finished = step.commit(state, plan, jnp.zeros(LIMITS.slots, bool), 1.0,
+                                  policy=policy, seq_slots=jnp.arange(LIMITS.slots),
+                                  block_keys=jnp.asarray(full_keys))
+    assert bool(finished[slots[0]])
+    # A new prompt with the same first two blocks, then its own.
+    second_keys = np.zeros((1, width, 2), np.uint32)
+    second_keys[0, :3] = [(7, 1), (7, 2), (9, 9)]
+    state, slots2, _ = admission.admit(state, S.new_requests([1], [14], [2]), limits=LIMITS,
+                                       policy=policy, prompt_keys=jnp.asarray(second_keys))
+    slot = int(slots2[0])
+    assert int(state.requests.cached_at_admission[slot]) == 2 * BS
+    cached_blocks = prefix_cache.lookup(state.cache, jnp.asarray(keys[0, :2]))
+    assert np.asarray(state.blocks.block_ids[0, slot, :2]).tolist() == np.asarray(
+        cached_blocks).tolist()
+    check_structure(snapshot(state.blocks), BS,
+                    (np.asarray(state.cache.block_keys) != 0).any(-1)[None].astype(np.int64))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from symphony_jax.config import EngineConfig
+from symphony_jax.engine import hashing
 from symphony_jax.engine.sampling import SamplingTable, is_stop, sample
 from symphony_jax.memory import layout as layout_lib
 from symphony_jax.memory.kv_cache import KVPool
@@ -52,12 +53,19 @@ class StepOutputs:
     counters: S.Requests  # each slot's request after the step (ids and token counts)
 
 
-@functools.partial(jax.jit, donate_argnames="device", static_argnames="config")
+def _keys(tokens: jax.Array, lengths: jax.Array, blocks) -> jax.Array:
+    return hashing.block_keys(tokens, lengths, blocks.block_size, blocks.max_blocks_per_seq)
+
+
+@functools.partial(jax.jit, donate_argnames="device", static_argnames=("config", "policy"))
 def admit(device: DeviceState, new: S.NewRequests, prompts: jax.Array, rows: SamplingTable, *,
-          config: EngineConfig):
+          config: EngineConfig, policy: Policy):
     """Admit ``new`` requests and write their prompts (``i32[N, L]``) and sampling rows into
     their slots. Returns the device state, each request's slot and reason."""
-    scheduler, slots, reasons = admission.admit(device.scheduler, new, limits=config.scheduler)
+    keys = (_keys(prompts, new.prompt_len, device.scheduler.blocks) if policy.prefix_caching
+            else None)
+    scheduler, slots, reasons = admission.admit(device.scheduler, new, limits=config.scheduler,
+                                                policy=policy, prompt_keys=keys)
     target = jnp.where(reasons == S.ADMITTED, slots, device.tokens.shape[0])
     return dataclasses.replace(
         device, scheduler=scheduler, tokens=device.tokens.at[target].set(prompts, mode="drop"),
@@ -88,6 +96,11 @@ def run(device: DeviceState, params: LlamaParams, plan: scheduler_step.StepPlan,
     writes = jnp.where(samples, layout.seq_slots, R)
     tokens = device.tokens.at[writes, layout.context_lens].set(sampled, mode="drop")
     stop = jnp.zeros(R, bool).at[writes].set(is_stop(sampled, table.stop_ids), mode="drop")
-    scheduler, finished = scheduler_step.commit(scheduler, plan, stop, now, policy=policy)
+    keys = None
+    if policy.prefix_caching:  # keys of the batch's sequences, for blocks that finish cached
+        rows = tokens.at[layout.seq_slots].get(mode="fill", fill_value=0)
+        keys = _keys(rows, layout.context_lens, scheduler.blocks)
+    scheduler, finished = scheduler_step.commit(scheduler, plan, stop, now, policy=policy,
+                                                seq_slots=layout.seq_slots, block_keys=keys)
     return (dataclasses.replace(device, scheduler=scheduler, pool=pool, tokens=tokens),
             StepOutputs(layout.seq_slots, sampled, samples, finished, scheduler.requests))

@@ -252,7 +252,8 @@ class Engine:
                                   [r.request_id if r.sampling.seed is None else r.sampling.seed
                                    for r in batch], self.eos_token_ids, self.max_stop_ids, n)
         self.device, slots, reasons = device_step.admit(self.device, new, jnp.asarray(prompts),
-                                                        rows, config=self.config)
+                                                        rows, config=self.config,
+                                                        policy=self.policy)
         slots, reasons = jax.device_get((slots, reasons))
         for r, slot, reason in zip(batch, slots, reasons):
             if reason == S.ADMITTED:

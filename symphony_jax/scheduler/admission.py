@@ -17,7 +17,9 @@ import jax.numpy as jnp
 
 from symphony_jax.config import SchedulerConfig
 from symphony_jax.memory import block_table as bt
+from symphony_jax.scheduler import prefix_cache
 from symphony_jax.scheduler import state as S
+from symphony_jax.scheduler.policy import Policy
 
 i32 = jnp.int32
 ACTIVE = (S.WAITING, S.RUNNING, S.PREEMPTED, S.LOADING)
@@ -36,11 +38,20 @@ def _first_of_session(session_id: jax.Array, valid: jax.Array) -> jax.Array:
     return ~same.any(axis=1)
 
 
-@functools.partial(jax.jit, donate_argnames="state", static_argnames="limits")
-def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfig):
+@functools.partial(jax.jit, donate_argnames="state", static_argnames=("limits", "policy"))
+def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfig,
+          policy: Policy = Policy(), prompt_keys: jax.Array | None = None):
     """Admit ``new`` requests in batch order. Returns the state, each request's slot (``R``
-    where none) and its reason (``state.ADMITTED`` or why not)."""
-    r, table = state.requests, state.blocks
+    where none) and its reason (``state.ADMITTED`` or why not).
+
+    With ``policy.prefix_caching``, ``prompt_keys`` (``u32[N, max_blocks_per_seq, 2]``, the
+    prompt's block keys; zeros past its full blocks) let a request starting from nothing take
+    the longest cached prefix of its prompt, all but its last token.
+    """
+    if policy.prefix_caching and state.blocks.num_groups != 1:
+        raise ValueError("admit: prefix caching needs a block table with one layer group, not "
+                         f"{state.blocks.num_groups}")
+    r, table, cache = state.requests, state.blocks, state.cache
     R, N = state.num_slots, new.request_id.shape[0]
     present = new.request_id >= 0
     malformed = ((new.prompt_len < 1) | (new.max_new_tokens < 1) | (new.history_len < 0) |
@@ -83,6 +94,13 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
     retained = cached.at[own].get(mode="fill", fill_value=0)
     stale = mark(got, fresh) | mark(reuse & (retained >= new.prompt_len), own)
     table = bt.free(table, jnp.where(stale, jnp.arange(R), R))
+    if policy.prefix_caching and prompt_keys is not None:
+        starts_empty = (reason == S.ADMITTED) & (table.num_tokens[0].at[slot].get(
+            mode="fill", fill_value=1) == 0)
+        limit = jnp.where(starts_empty, (new.prompt_len - 1) // table.block_size, 0)
+        blocks, counts = prefix_cache.match(cache, prompt_keys, limit)
+        table, _ = bt.adopt(table, jnp.where(counts > 0, slot, R), blocks, counts)
+        cache = prefix_cache.touch(cache, blocks, new.arrival[:, None])
     cached = table.num_tokens[0]
 
     write = lambda column, values: column.at[slot].set(values, mode="drop")
@@ -104,7 +122,7 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
         recomputed_history=write(r.recomputed_history, jnp.zeros(N, i32)),
         preemptions=write(r.preemptions, jnp.zeros(N, i32)),
     )
-    return S.SchedulerState(requests, table), slot.astype(i32), reason
+    return S.SchedulerState(requests, table, cache), slot.astype(i32), reason
 
 
 @functools.partial(jax.jit, donate_argnames="state")
@@ -116,4 +134,4 @@ def abort(state: S.SchedulerState, slots: jax.Array) -> S.SchedulerState:
     hit = jnp.zeros(R, bool).at[slots].set(True, mode="drop")
     status = jnp.where(hit, S.EMPTY, state.requests.status)
     return S.SchedulerState(dataclasses.replace(state.requests, status=status),
-                            bt.free(state.blocks, slots))
+                            bt.free(state.blocks, slots), state.cache)

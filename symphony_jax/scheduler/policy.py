@@ -36,6 +36,9 @@ class Policy:
       ``drop`` frees its K,V (the next turn recomputes the history), ``keep`` keeps it on the
       device until memory is needed (least recently used idle sessions go first), ``ttl`` keeps
       it for ``ttl_s`` seconds (Continuum style) or until memory is needed.
+    - ``prefix_caching``: full blocks of finished requests stay cached by content
+      (``prefix_cache``); a new request starts from the longest cached prefix of its prompt,
+      across sessions. Cached blocks nobody uses are the first to go when memory is needed.
     """
 
     order: str = "fcfs"
@@ -44,13 +47,15 @@ class Policy:
     preemption: str = "recompute"
     retention: str = "drop"
     ttl_s: float = math.inf
+    prefix_caching: bool = False
 
     def __post_init__(self):
         for field, allowed in (("order", ORDERS), ("prefill", PREFILLS),
                                ("preemption", PREEMPTIONS), ("retention", RETENTIONS)):
             _choice("Policy", field, getattr(self, field), allowed)
-        if not isinstance(self.chunked_prefill, bool):
-            raise ValueError(f"Policy.chunked_prefill={self.chunked_prefill!r}: expected a bool")
+        for field in ("chunked_prefill", "prefix_caching"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"Policy.{field}={getattr(self, field)!r}: expected a bool")
         if isinstance(self.ttl_s, bool) or not isinstance(self.ttl_s, (int, float)) or \
                 not self.ttl_s > 0:
             raise ValueError(f"Policy.ttl_s={self.ttl_s!r}: expected a number > 0")

@@ -22,6 +22,7 @@ import numpy as np
 
 from symphony_jax.config import EngineConfig
 from symphony_jax.memory import block_table as bt
+from symphony_jax.scheduler import prefix_cache
 
 i32, f32 = jnp.int32, jnp.float32
 
@@ -80,6 +81,7 @@ class Requests:
 class SchedulerState:
     requests: Requests
     blocks: bt.BlockTable
+    cache: prefix_cache.PrefixCache  # used by the policy ``prefix_caching``
 
     @property
     def num_slots(self) -> int:
@@ -141,4 +143,5 @@ def init(config: EngineConfig) -> SchedulerState:
             cached_at_admission=zeros(), computed=zeros(), recomputed_history=zeros(),
             preemptions=zeros()),
         blocks=bt.from_config(config),
+        cache=prefix_cache.create(config.cache.num_device_blocks),
     )

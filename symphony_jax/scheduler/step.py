@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from symphony_jax.config import SchedulerConfig
 from symphony_jax.memory import block_table as bt
+from symphony_jax.scheduler import prefix_cache
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler.policy import Policy
 
@@ -58,6 +59,7 @@ class _Room:
     """Scheduling under way: slots losing K,V to make room, and each slot's tokens."""
 
     table: bt.BlockTable
+    cache: prefix_cache.PrefixCache
     status: jax.Array  # i32[R]
     grant: jax.Array  # i32[R]      tokens granted this step
     evicted: jax.Array  # bool[R]   idle sessions that lost their K,V
@@ -127,19 +129,42 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         tokens = room.table.num_tokens[0]
         return jnp.where(mask, _blocks_needed(tokens, room.grant, room.table.block_size), 0)
 
-    def waiting_fits(room: _Room) -> jax.Array:
-        """bool[R]: waiting slots whose blocks fit, in order, after the running slots'."""
-        spare = free_blocks(room.table) - needs(room, room.status == S.RUNNING).sum()
+    def running_deficit(room: _Room) -> jax.Array:
+        return needs(room, room.status == S.RUNNING).sum() - free_blocks(room.table)
+
+    def waiting_shortfall(room: _Room):
+        """bool[R] waiting slots whose blocks fit, in order, after the running slots'; and
+        the blocks missing for the first that does not."""
+        spare = -running_deficit(room)
         need = needs(room, is_waiting(room.status) & (room.grant > 0))[order]
-        fit = jnp.cumprod((jnp.cumsum(need) <= spare) | (need == 0)).astype(bool)
-        return jnp.zeros(R, bool).at[order].set(fit)
+        total = jnp.cumsum(need)
+        fit = jnp.cumprod((total <= spare) | (need == 0)).astype(bool)
+        first_misfit = jnp.argmin(fit)
+        missing = jnp.where(fit.all(), 0, total[first_misfit] - spare)
+        return jnp.zeros(R, bool).at[order].set(fit), missing
 
     def idle(room: _Room) -> jax.Array:
         return (room.status == S.FINISHED) & (room.table.num_tokens[0] > 0)
 
-    def make_room(room: _Room, preempt_running: bool) -> _Room:
-        """Evict the least recently used idle session; with none, preempt the last running
+    def cached_spare(room: _Room) -> jax.Array:
+        if not policy.prefix_caching:
+            return jnp.int32(0)
+        return prefix_cache.evictable(room.cache, room.table).sum(dtype=i32)
+
+    def make_room(room: _Room, preempt_running: bool, deficit) -> _Room:
+        """Evict the ``deficit(room)`` least recently used cached blocks nobody uses; with
+        none, evict the least recently used idle session; with none, preempt the last running
         slot in order (if allowed)."""
+        if policy.prefix_caching:
+            def evict_cached(room):
+                cache, table = prefix_cache.evict(room.cache, room.table, deficit(room))
+                return dataclasses.replace(room, cache=cache, table=table)
+
+            return jax.lax.cond(cached_spare(room) > 0, evict_cached, functools.partial(
+                free_slot, preempt_running=preempt_running), room)
+        return free_slot(room, preempt_running)
+
+    def free_slot(room: _Room, preempt_running: bool) -> _Room:
         has_idle = idle(room).any()
         victim = jnp.argmin(jnp.where(idle(room), r.last_used, jnp.inf))
         preempt = jnp.bool_(False)
@@ -160,16 +185,15 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         excluded = room.denied | room.preempted
         got = _budget(jnp.where(excluded, 0, want)[order], limits, policy.chunked_prefill)
         room = dataclasses.replace(room, grant=jnp.zeros(R, i32).at[order].set(got))
-        running_short = lambda room: needs(room, room.status == S.RUNNING).sum() > free_blocks(
-            room.table)
-        room = jax.lax.while_loop(running_short, functools.partial(
-            make_room, preempt_running=True), room)
-        waiting_short = lambda room: idle(room).any() & (
-            is_waiting(room.status) & (room.grant > 0) & ~waiting_fits(room)).any()
+        room = jax.lax.while_loop(lambda room: running_deficit(room) > 0, functools.partial(
+            make_room, preempt_running=True, deficit=running_deficit), room)
+        waiting_short = lambda room: (idle(room).any() | (cached_spare(room) > 0)) & (
+            waiting_shortfall(room)[1] > 0)
         room = jax.lax.while_loop(waiting_short, functools.partial(
-            make_room, preempt_running=False), room)
+            make_room, preempt_running=False, deficit=lambda room: waiting_shortfall(room)[1]),
+            room)
         # FCFS: the first waiting slot that does not fit stops every waiting slot after it.
-        misfit = is_waiting(room.status) & (room.grant > 0) & ~waiting_fits(room)
+        misfit = is_waiting(room.status) & (room.grant > 0) & ~waiting_shortfall(room)[0]
         denied = is_waiting(room.status) & (position >= jnp.min(jnp.where(misfit, position, R)))
         return dataclasses.replace(room, grant=jnp.where(denied, 0, room.grant),
                                    denied=room.denied | denied,
@@ -177,7 +201,7 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
 
     no = jnp.zeros(R, bool)
     room = jax.lax.while_loop(lambda room: room.changed, settle, _Room(
-        table, r.status, jnp.zeros(R, i32), evicted, no, no, jnp.bool_(True)))
+        table, state.cache, r.status, jnp.zeros(R, i32), evicted, no, no, jnp.bool_(True)))
     table, status, grant, evicted, preempted = (room.table, room.status, room.grant,
                                                 room.evicted, room.preempted)
     table, _ = bt.reserve(table, jnp.where(grant > 0, slots, R)[order], grant[order])
@@ -204,20 +228,33 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         evicted=evicted,
         decode_only=scheduled.any() & jnp.all(grant <= 1),
     )
-    return S.SchedulerState(requests, table), plan
+    return S.SchedulerState(requests, table, room.cache), plan
 
 
 @functools.partial(jax.jit, donate_argnames="state", static_argnames="policy")
-def commit(state: S.SchedulerState, plan: StepPlan, stop: jax.Array, now, *, policy: Policy):
+def commit(state: S.SchedulerState, plan: StepPlan, stop: jax.Array, now, *, policy: Policy,
+           seq_slots: jax.Array | None = None, block_keys: jax.Array | None = None):
     """Count the tokens the step sampled; finish requests that hit a stop flag (bool[R], set by
     the executor for its sampled tokens) or ``max_new_tokens``; keep or drop their K,V as the
-    retention policy says. Returns the state and the slots that finished (bool[R])."""
-    r = state.requests
+    retention policy says. Returns the state and the slots that finished (bool[R]).
+
+    With ``policy.prefix_caching``, the full blocks of finishing requests among ``seq_slots``
+    (i32[B]) enter the prefix cache under ``block_keys`` (u32[B, max_blocks_per_seq, 2]).
+    """
+    r, table, cache = state.requests, state.blocks, state.cache
     generated = r.num_generated + plan.samples
     finished = plan.samples & (stop | (generated >= r.max_new_tokens))
+    if policy.prefix_caching and block_keys is not None:
+        rows = table.block_ids[0].at[seq_slots].get(mode="fill", fill_value=0)
+        full = table.num_tokens[0].at[seq_slots].get(mode="fill", fill_value=0) // (
+            table.block_size)
+        valid = finished.at[seq_slots].get(mode="fill", fill_value=False)[:, None] & (
+            jnp.arange(rows.shape[1]) < full[:, None])
+        cache, table = prefix_cache.register(cache, table, block_keys.reshape(-1, 2),
+                                             rows.reshape(-1), valid.reshape(-1), now)
     keep = finished & (r.session_id != S.NO_SESSION) & (policy.retention != "drop")
     dropped = finished & ~keep
-    table = bt.free(state.blocks, jnp.where(dropped, jnp.arange(state.num_slots), state.num_slots))
+    table = bt.free(table, jnp.where(dropped, jnp.arange(state.num_slots), state.num_slots))
     requests = dataclasses.replace(
         r,
         status=jnp.where(dropped, S.EMPTY, jnp.where(finished, S.FINISHED, r.status)),
@@ -225,4 +262,4 @@ def commit(state: S.SchedulerState, plan: StepPlan, stop: jax.Array, now, *, pol
         expiry=jnp.where(keep, jnp.asarray(now, f32) + policy.retention_s, r.expiry),
         last_used=jnp.where(finished, jnp.asarray(now, f32), r.last_used),
     )
-    return S.SchedulerState(requests, table), finished
+    return S.SchedulerState(requests, table, cache), finished

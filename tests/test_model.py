@@ -124,3 +124,21 @@ def test_forward_checks_layer_groups():
                       layout.build(paged.table, np.zeros(B, np.int32), np.zeros(B, np.int32),
                                    num_tokens=T),
                       config=TINY, layer_groups=(0, 0, 0))
+
+
+@pytest.mark.parametrize("tokens, decode", [(1, True), (1, False), (4, False)])
+def test_the_layer_scan_updates_the_pool_in_place(tokens, decode):
+    """No copy of a pool-sized array in the compiled step: a layer's K/V write must not copy
+    the pool (XLA does for a one-token scatter unless it is kept a scatter)."""
+    run = PagedRun(PARAMS, TINY, slots=tokens, tokens=tokens)
+    run.table, _ = bt.reserve(run.table, np.arange(tokens), np.full(tokens, 9))
+    step_layout = layout.build(run.table, np.arange(tokens), np.ones(tokens, np.int32),
+                               num_tokens=tokens)
+    compiled = llama.forward.lower(PARAMS, run.pool, np.zeros(tokens, np.int32), step_layout,
+                                   config=TINY, layer_groups=(0, 0), decode=decode).compile()
+    pool = run.pool.k.shape
+    flat = f"{pool[0]},{pool[1]},{pool[2] * pool[3]},{pool[4]}"
+    shapes = (",".join(map(str, pool)), flat)
+    copies = [line for line in compiled.as_text().splitlines()
+              if " copy(" in line and any(f"[{s}]" in line for s in shapes)]
+    assert not copies, copies[:2]

@@ -49,6 +49,19 @@ def create(model: ModelConfig, cache: CacheConfig, dtype=None, device=None) -> K
     return KVPool(jnp.zeros(shape, dtype, device=device), jnp.zeros(shape, dtype, device=device))
 
 
+def at_least_two(index: jax.Array, values: jax.Array, dropped: int):
+    """Pad a scatter of one update with a second one at the out-of-range ``dropped`` index.
+
+    XLA rewrites a one-update scatter into a dynamic-update-slice, and inside a loop that also
+    reads the array (a layer scan writing K/V and attending) that makes it copy the whole array
+    on every iteration; with two updates it stays a scatter, done in place.
+    """
+    if index.shape[0] != 1:
+        return index, values
+    return (jnp.concatenate([index, jnp.full_like(index, dropped)]),
+            jnp.concatenate([values, values]))
+
+
 def write(pages: jax.Array, layer, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
     """Store ``new: [T, KVH, D]`` (one layer's K or V of T tokens) at their flat slots.
 
@@ -56,6 +69,7 @@ def write(pages: jax.Array, layer, new: jax.Array, slot_mapping: jax.Array) -> j
     donated pool (or a loop carry) so that the scatter updates it in place.
     """
     L, KVH, NB, BS, D = pages.shape
+    slot_mapping, new = at_least_two(slot_mapping, new, NB * BS)
     flat = pages.reshape(L, KVH, NB * BS, D)
     return flat.at[layer, :, slot_mapping].set(new.astype(pages.dtype), mode="drop").reshape(
         pages.shape)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from symphony_jax.config import ModelConfig
+from symphony_jax.memory import kv_cache
 from symphony_jax.model.llama import finish_layer, logits, project_qkv
 from symphony_jax.model.params import LlamaParams
 
@@ -56,16 +57,22 @@ def forward(params: LlamaParams, cache: DenseCache, token_ids: jax.Array, *,
     """Append ``token_ids: i32[B, S]`` to every sequence (at positions ``lengths[b]`` on) and
     return float32 logits of all of them ``[B, S, V]`` and the grown cache (donated)."""
     B, S = token_ids.shape
+    max_len = cache.k.shape[2]
     positions = cache.lengths[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
-    rows = jnp.arange(B)[:, None]
+    # Flat (row * max_len + position) cache slots of the new tokens.
+    slots = (jnp.arange(B)[:, None] * max_len + positions).reshape(-1)
     x = params.embed[token_ids].reshape(B * S, -1)
+
+    def append(pages, index, new):
+        flat = pages.reshape(pages.shape[0], B * max_len, *pages.shape[3:])
+        at, new = kv_cache.at_least_two(slots, new, B * max_len)
+        return flat.at[index, at].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
 
     def layer_step(carry, xs):
         x, k_cache, v_cache = carry
         layer_params, index = xs
         q, k, v = project_qkv(x, layer_params, positions.reshape(-1), config)
-        k_cache = k_cache.at[index, rows, positions].set(k.reshape(B, S, *k.shape[1:]))
-        v_cache = v_cache.at[index, rows, positions].set(v.reshape(B, S, *v.shape[1:]))
+        k_cache, v_cache = append(k_cache, index, k), append(v_cache, index, v)
         attention = _attend(q.reshape(B, S, *q.shape[1:]), k_cache[index], v_cache[index],
                             positions, config.head_dim ** -0.5)
         return (finish_layer(x, attention.reshape(B * S, -1), layer_params, config), k_cache,

@@ -55,6 +55,7 @@ def load_benchmark(name: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, row", [
     ("block_table", r"\| 64 \(8 nodes x 8 groups, vmap\) \|.*\| [\d.]+x \|"),
+    ("scheduler", r"\| 8 \(vmap\) \|.*\| [\d.]+x \|[\s\S]*\| 32 \| .*\| [\d.]+x \|"),
     ("attention", r"\| decode \| ours \|[\s\S]*\| prefill \| ours \|"),
     ("model", r"\| 4 \| [\d,]+ \| [\d.]+ ms \|"),
     ("workloads", r"\| sharegpt_like: 10,000 sessions .*\| generate \| [\d.]+ s \|"

@@ -79,8 +79,10 @@ class _Table:
             column.flags.writeable = False
             object.__setattr__(self, f.name, column)
             if dtype.kind == "f":
-                allowed = np.isnan(column) if f.metadata["nan"] else False
-                self._require(f.name, ~np.isfinite(column) & ~allowed,
+                bad = ~np.isfinite(column)
+                if f.metadata["nan"]:
+                    bad &= ~np.isnan(column)
+                self._require(f.name, bad,
                               "a finite number" + (" or NaN" if f.metadata["nan"] else ""))
             if f.metadata["minimum"] is not None:
                 self._require(f.name, column < f.metadata["minimum"],

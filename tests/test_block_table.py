@@ -192,3 +192,16 @@ def test_adopted_blocks_are_shared_and_outlive_their_first_holder():
     assert int(table.num_tokens[0, 2]) == 2 * BS
     table, ok = bt.adopt(table, [3], [[1, 3, 0, 0]], [2])  # block 3 is free: refused
     assert not np.asarray(ok).any() and int(table.num_tokens[0, 3]) == 0
+
+
+def test_free_where_frees_exactly_the_masked_slots():
+    table, _ = bt.allocate(bt.create(S, NB, MB, BS), [0, 1, 2, 3], [5, 9, 3, 12])
+    mask = np.array([True, False, True, True])
+    expected = jax.tree.map(np.asarray, bt.free(table, np.flatnonzero(mask)))
+    table2, _ = bt.allocate(bt.create(S, NB, MB, BS), [0, 1, 2, 3], [5, 9, 3, 12])
+    got = jax.jit(lambda t, m: bt.free_where(t, m, chunk=2))(table2, jnp.asarray(mask))
+    for name in ("block_ids", "num_tokens", "ref_counts", "free_top"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), name)
+    top = int(got.free_top[0])
+    assert sorted(np.asarray(got.free_stack[0, :top]).tolist()) == sorted(
+        np.asarray(expected.free_stack[0, :top]).tolist())

@@ -11,12 +11,12 @@ import hypothesis.strategies as st
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from block_table_checks import check_structure, snapshot
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
-from symphony_jax.scheduler import admission, prefix_cache, step
+from symphony_jax.scheduler import admission, batch, prefix_cache, step
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler.policy import Policy
 
@@ -300,3 +300,19 @@ def test_a_prompt_starts_from_its_cached_prefix():
         cached_blocks).tolist()
     check_structure(snapshot(state.blocks), BS,
                     (np.asarray(state.cache.block_keys) != 0).any(-1)[None].astype(np.int64))
+
+
+@given(num_seqs=st.integers(1, 64), extra=st.integers(0, 600), decode=st.booleans(),
+       max_num_seqs=st.integers(1, 64), budget_extra=st.integers(0, 600))
+def test_a_batch_shape_is_the_smallest_bucket_that_holds_the_plan(num_seqs, extra, decode,
+                                                                  max_num_seqs, budget_extra):
+    limits = SchedulerConfig(max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=max_num_seqs + budget_extra)
+    num_seqs = min(num_seqs, max_num_seqs)
+    num_tokens = num_seqs if decode else min(num_seqs + extra, limits.max_num_batched_tokens)
+    seq_sizes = [n for n in [1 << i for i in range(8)] + [max_num_seqs] if n <= max_num_seqs]
+    token_sizes = [n for n in [1 << i for i in range(4, 11)] + [limits.max_num_batched_tokens]
+                   if n <= limits.max_num_batched_tokens]
+    seqs = min(n for n in seq_sizes if n >= num_seqs)
+    tokens = seqs if decode else min(n for n in token_sizes if n >= max(num_tokens, seqs))
+    assert batch.shape(num_seqs, num_tokens, decode, limits) == (seqs, tokens)

@@ -139,7 +139,7 @@ class JittedNodes:
             return (jax.vmap(build) if stacked else build)(table, plan)
 
         self.layout = layout
-        self.counts: dict[int, tuple[int, int]] = {}  # step -> the largest node's counts
+        self.counts: dict[int, tuple[int, int, bool]] = {}  # step -> the nodes' widest counts
 
     def compile_layouts(self, buckets: set[tuple[int, int]]) -> None:
         """Compile the layout for every bucket, on a throwaway plan."""
@@ -153,20 +153,25 @@ class JittedNodes:
         if i in self.new:
             self.state, *admitted = self.admit(self.state, self.new[i])
         self.state, plan = self.schedule(self.state, float(i))
-        num_seqs, num_tokens = (int(np.max(x)) for x in jax.device_get(
-            (plan.num_seqs, plan.num_tokens)))
-        self.counts[i] = num_seqs, num_tokens
-        layout = self.layout(self.state.blocks, plan,
-                             *batch.buckets(num_seqs, num_tokens, self.limits))
+        num_seqs, num_tokens, decode_only = jax.device_get(
+            (plan.num_seqs, plan.num_tokens, plan.decode_only))
+        counts = int(np.max(num_seqs)), int(np.max(num_tokens)), bool(np.all(decode_only))
+        self.counts[i] = counts
+        layout = self.layout(self.state.blocks, plan, *batch.shape(*counts, self.limits))
         self.state, finished = self.commit(self.state, plan, self.stop, float(i))
         return self.state, layout, finished, admitted
+
+
+def widest(a: tuple[int, int, bool], b: tuple[int, int, bool]) -> tuple[int, int, bool]:
+    """The counts of a batch holding both plans' (sequences, tokens, decode only)."""
+    return max(a[0], b[0]), max(a[1], b[1]), a[2] and b[2]
 
 
 class PythonNodes:
     """One ``PyScheduler`` per node, stepped through the same arrivals."""
 
     def __init__(self, w: Workload, arrivals: list[dict[int, list[Request]]],
-                 expected_counts: dict[int, tuple[int, int]] | None = None):
+                 expected_counts: dict[int, tuple[int, int, bool]] | None = None):
         config = w.config()
         self.limits, self.arrivals = config.scheduler, arrivals
         self.schedulers = [PyScheduler(config, POLICY) for _ in arrivals]
@@ -175,14 +180,14 @@ class PythonNodes:
         self.plans: list[list] = []
 
     def __call__(self, i: int):
-        layouts, largest = [], (0, 0)
+        layouts, largest = [], (0, 0, True)
         for scheduler, arrivals in zip(self.schedulers, self.arrivals):
             if i in arrivals:
                 scheduler.admit(arrivals[i])
             plan = scheduler.schedule(float(i))
-            counts = (plan.num_seqs, plan.num_tokens)
-            largest = tuple(map(max, largest, counts))
-            layouts.append(scheduler.layout(plan, *batch.buckets(*counts, self.limits)))
+            counts = (plan.num_seqs, plan.num_tokens, plan.decode_only)
+            largest = widest(largest, counts)
+            layouts.append(scheduler.layout(plan, *batch.shape(*counts, self.limits)))
             scheduler.commit(plan, self.stop, float(i))
         if self.expected_counts is not None:
             assert self.expected_counts.pop(i) == largest, f"step {i}: the schedulers disagree"
@@ -193,16 +198,16 @@ class PythonNodes:
         node's counts) and the workload's statistics."""
         buckets, stats = set(), collections.Counter()
         for i in range(steps):
-            largest = (0, 0)
+            largest = (0, 0, True)
             for scheduler, arrivals in zip(self.schedulers, self.arrivals):
                 if i in arrivals:
                     stats.update(S.REASONS[r] for r in scheduler.admit(arrivals[i])[1])
                 plan = scheduler.schedule(float(i))
-                largest = tuple(map(max, largest, (plan.num_seqs, plan.num_tokens)))
+                largest = widest(largest, (plan.num_seqs, plan.num_tokens, plan.decode_only))
                 stats.update(steps=1, decode_only=plan.decode_only, seqs=plan.num_seqs,
                              preempted=sum(plan.preempted), evicted=sum(plan.evicted))
                 scheduler.commit(plan, self.stop, float(i))
-            buckets.add(batch.buckets(*largest, self.limits))
+            buckets.add(batch.shape(*largest, self.limits))
         return buckets, stats
 
 

@@ -18,11 +18,10 @@ import jax.numpy as jnp
 from symphony_jax.config import EngineConfig
 from symphony_jax.engine import hashing
 from symphony_jax.engine.sampling import SamplingTable, is_stop, sample
-from symphony_jax.memory import layout as layout_lib
 from symphony_jax.memory.kv_cache import KVPool
 from symphony_jax.model import llama
 from symphony_jax.model.params import LlamaParams
-from symphony_jax.scheduler import admission
+from symphony_jax.scheduler import admission, batch
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler import step as scheduler_step
 from symphony_jax.scheduler.policy import Policy
@@ -81,9 +80,7 @@ def run(device: DeviceState, params: LlamaParams, plan: scheduler_step.StepPlan,
     (buckets at least the plan's counts; ``decode``: every sequence runs one token)."""
     scheduler = device.scheduler
     R = scheduler.num_slots
-    seq_slots = plan.order[:num_seqs]
-    query_lens = plan.query_lens.at[seq_slots].get(mode="fill", fill_value=0)
-    layout = layout_lib.build(scheduler.blocks, seq_slots, query_lens, num_tokens=num_tokens)
+    layout = batch.layout(scheduler.blocks, plan, num_seqs, num_tokens)
     ids = device.tokens.at[layout.token_slots, layout.positions].get(mode="fill", fill_value=0)
     logits, pool = llama.forward(params, device.pool, ids, layout, config=config.model,
                                  layer_groups=config.layer_groups, decode=decode, impl=impl)

@@ -25,7 +25,7 @@ from symphony_jax.engine import device_step
 from symphony_jax.engine.sampling import SamplingParams, SamplingTable
 from symphony_jax.memory import kv_cache
 from symphony_jax.model.params import LlamaParams
-from symphony_jax.scheduler import admission
+from symphony_jax.scheduler import admission, batch
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler import step as scheduler_step
 from symphony_jax.scheduler.policy import Policy
@@ -53,7 +53,7 @@ class Generation:
 class _Request:
     request_id: int
     prompt: list[int]  # history (its session's tokens so far) and the new tokens
-    history_len: int
+    history_len: int  # of which K,V computed before: the history less its last, sampled token
     sampling: SamplingParams
     session_id: int
     turn_index: int  # requests of its session before it
@@ -66,16 +66,6 @@ class _Request:
     cached_tokens: int = 0  # prompt tokens cached on admission
     computed_tokens: int = 0  # prompt tokens computed (recomputation included)
     recomputed_tokens: int = 0  # of which history
-
-
-def buckets(limit: int, smallest: int = 1) -> tuple[int, ...]:
-    """Powers of two from ``smallest`` up to ``limit``, and ``limit`` itself."""
-    sizes = [1 << i for i in range(max(0, smallest - 1).bit_length(), limit.bit_length())]
-    return tuple(sorted({s for s in sizes if s < limit} | {limit}))
-
-
-def fit(sizes: tuple[int, ...], count: int) -> int:
-    return next(s for s in sizes if s >= count)
 
 
 class Engine:
@@ -91,13 +81,11 @@ class Engine:
         self.device_ = device or jax.devices()[0]
         put = lambda tree: jax.device_put(tree, self.device_)
         self.params = put(params)
-        slots, limits = config.scheduler.slots, config.scheduler
+        slots = config.scheduler.slots
         self.device = put(device_step.DeviceState(
             scheduler=S.init(config), pool=kv_cache.create(config.model, config.cache),
-            tokens=jnp.zeros((slots, limits.max_model_len), jnp.int32),
+            tokens=jnp.zeros((slots, config.scheduler.max_model_len), jnp.int32),
             sampling=SamplingTable.create(slots, max_stop_ids)))
-        self.seq_buckets = buckets(limits.max_num_seqs)
-        self.token_buckets = buckets(limits.max_num_batched_tokens, smallest=16)
         self.start = clock()
         self.requests: dict[int, _Request] = {}
         self.sessions: dict[int, list[int]] = {}  # a session's tokens so far
@@ -139,8 +127,8 @@ class Engine:
         history = self.sessions.get(session, [])
         turn = self.turns.get(session, 0)
         self.turns[session] = turn + 1
-        request = _Request(next(self.ids), history + new, len(history), sampling, session, turn,
-                           self.now())
+        request = _Request(next(self.ids), history + new, max(len(history) - 1, 0), sampling,
+                           session, turn, self.now())
         self.requests[request.request_id] = request
         self.unfinished += 1
         if len(request.prompt) + sampling.max_tokens > self.config.scheduler.max_model_len:
@@ -174,8 +162,7 @@ class Engine:
             (plan.num_seqs, plan.num_tokens, plan.decode_only)))
         previous, self.inflight = self.inflight, None
         if num_seqs:
-            seqs = fit(self.seq_buckets, num_seqs)
-            tokens = seqs if decode else fit(self.token_buckets, max(num_tokens, seqs))
+            seqs, tokens = batch.shape(num_seqs, num_tokens, decode, self.config.scheduler)
             self.device, outputs = device_step.run(
                 self.device, self.params, plan, self.now(), num_seqs=seqs, num_tokens=tokens,
                 decode=bool(decode), config=self.config, policy=self.policy, impl=self.impl)
@@ -226,7 +213,7 @@ class Engine:
         slots = [self.requests[i].slot for i in self.aborting]
         if not slots:
             return
-        size = fit(buckets(self.config.scheduler.slots), len(slots))
+        size = batch.bucket(len(slots), self.config.scheduler.slots)
         padded = np.full(size, self.config.scheduler.slots, np.int32)
         padded[: len(slots)] = slots
         self.device = dataclasses.replace(self.device, scheduler=admission.abort(

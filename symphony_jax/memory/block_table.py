@@ -484,6 +484,29 @@ def adopt(table: BlockTable, slots, blocks, counts, groups=None) -> tuple[BlockT
     return _adopt(table, slots, blocks, counts, _check_groups("adopt", table, groups))
 
 
+def free_where(table: BlockTable, mask: jax.Array, chunk: int = 8) -> BlockTable:
+    """Free the slots where ``mask`` (bool[S]), ``chunk`` at a time. Traceable."""
+    return in_chunks(table, mask, free, chunk)
+
+
+def in_chunks(table: BlockTable, mask: jax.Array, apply, chunk: int = 8) -> BlockTable:
+    """``apply(table, slots)`` to the slots where ``mask`` (bool[S]), ``chunk`` slots per call
+    (``int[chunk]``, padded with the sentinel S): a loop of ``ceil(count / chunk)`` rounds
+    (none when the mask is empty), so the work follows the slots named, not the table's size.
+    Traceable inside other jitted code."""
+    S = mask.shape[0]
+
+    def round_(carry):
+        table, remaining = carry
+        rank = jnp.cumsum(remaining) - 1
+        take = remaining & (rank < chunk)
+        slots = jnp.full(chunk, S, i32).at[jnp.where(take, rank, chunk)].set(
+            jnp.arange(S, dtype=i32), mode="drop")
+        return apply(table, slots), remaining & ~take
+
+    return jax.lax.while_loop(lambda carry: carry[1].any(), round_, (table, mask))[0]
+
+
 def fork(table: BlockTable, src, dst, groups=None) -> tuple[BlockTable, jax.Array, BlockCopies]:
     """Make each empty slot ``dst[b]`` a copy of the sequence in slot ``src[b]``.
 

@@ -56,9 +56,11 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
     present = new.request_id >= 0
     malformed = ((new.prompt_len < 1) | (new.max_new_tokens < 1) | (new.history_len < 0) |
                  (new.history_len >= new.prompt_len))
-    too_long = new.prompt_len + new.max_new_tokens > limits.max_model_len
-    blocks = -(-(new.prompt_len + new.max_new_tokens) // table.block_size)
-    too_big = blocks > table.num_blocks - 1
+    # Compared without adding the two: their int32 sum could wrap around.
+    too_long = ((new.prompt_len > limits.max_model_len)
+                | (new.max_new_tokens > limits.max_model_len - new.prompt_len))
+    total = jnp.where(too_long, 0, new.prompt_len + new.max_new_tokens)
+    too_big = -(-total // table.block_size) > table.num_blocks - 1
     reason = jnp.select([~present | malformed, too_long, too_big],
                         [S.INVALID, S.TOO_LONG, S.NO_MEMORY], S.ADMITTED).astype(i32)
 
@@ -87,13 +89,14 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
     reason = jnp.where(needs_slot & ~got, S.NO_SLOT, reason)
     slot = jnp.where(reuse, own, jnp.where(got, fresh, R))
 
-    # Evicted idle sessions start from nothing; so does a retained K,V that covers the whole
-    # new prompt (its last token must be computed to sample from it: the prompt is not a
-    # continuation of the session).
+    # Evicted idle sessions start from nothing; so does a retained K,V whose retention expired
+    # before the request arrived, or that covers the whole new prompt (its last token must be
+    # computed to sample from it: the prompt does not continue the session).
     cached = state.cached_tokens
     retained = cached.at[own].get(mode="fill", fill_value=0)
-    stale = mark(got, fresh) | mark(reuse & (retained >= new.prompt_len), own)
-    table = bt.free(table, jnp.where(stale, jnp.arange(R), R))
+    expired = r.expiry.at[own].get(mode="fill", fill_value=jnp.inf) <= new.arrival
+    stale = mark(got, fresh) | mark(reuse & ((retained >= new.prompt_len) | expired), own)
+    table = bt.free_where(table, stale)
     if policy.prefix_caching and prompt_keys is not None:
         starts_empty = (reason == S.ADMITTED) & (table.num_tokens[0].at[slot].get(
             mode="fill", fill_value=1) == 0)

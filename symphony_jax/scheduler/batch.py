@@ -2,7 +2,7 @@
 
 Batch arrays are padded to buckets so that the model compiles for few shapes: a count is
 rounded up to a power of two, capped at its limit (``max_num_seqs`` sequences,
-``max_num_batched_tokens`` tokens). The host reads the plan's two counts to pick the bucket.
+``max_num_batched_tokens`` tokens). The host reads the plan's counts to pick the bucket.
 """
 
 from __future__ import annotations
@@ -16,16 +16,23 @@ from symphony_jax.memory import block_table as bt
 from symphony_jax.memory import layout as layout_lib
 from symphony_jax.scheduler.step import StepPlan
 
-
-def bucket(count: int, limit: int) -> int:
-    """The smallest power of two >= ``count`` (at least 1), at most ``limit``."""
-    return min(1 << max(count - 1, 0).bit_length(), limit)
+SMALLEST_TOKEN_BUCKET = 16  # prefill steps below this many tokens share one shape
 
 
-def buckets(num_seqs: int, num_tokens: int, limits: SchedulerConfig) -> tuple[int, int]:
-    """The (sequences, tokens) bucket of a plan with these counts."""
-    return (bucket(num_seqs, limits.max_num_seqs),
-            bucket(num_tokens, limits.max_num_batched_tokens))
+def bucket(count: int, limit: int, smallest: int = 1) -> int:
+    """The smallest power of two >= ``count`` and ``smallest``, at most ``limit``."""
+    return min(1 << (max(count, smallest, 1) - 1).bit_length(), limit)
+
+
+def shape(num_seqs: int, num_tokens: int, decode_only: bool,
+          limits: SchedulerConfig) -> tuple[int, int]:
+    """The (sequences, tokens) bucket of a plan with these counts. A decode-only step has one
+    token per sequence; otherwise the tokens bucket holds at least one per sequence."""
+    seqs = bucket(num_seqs, limits.max_num_seqs)
+    if decode_only:
+        return seqs, seqs
+    return seqs, bucket(max(num_tokens, seqs), limits.max_num_batched_tokens,
+                        SMALLEST_TOKEN_BUCKET)
 
 
 @functools.partial(jax.jit, static_argnames=("num_seqs", "num_tokens"))

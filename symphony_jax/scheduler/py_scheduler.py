@@ -8,10 +8,7 @@ oracle of the scheduler's equivalence tests and the baseline of
 ``experiments/bench/scheduler.py``. Block ids are its allocators' own; the jitted table may
 number them otherwise.
 
-Where the jitted scheduler departs from its documentation this one follows the documentation:
-a negative priority is invalid, and ``prompt_len + max_new_tokens`` is judged without int32
-wrap-around. It shares the jitted scheduler's stall when waiting requests' retained K,V fills
-the pool, which no documented rule resolves (``tests/test_py_scheduler.py`` holds all three).
+Prefix caching is not mirrored.
 """
 
 from __future__ import annotations
@@ -177,7 +174,7 @@ class PyScheduler:
     def _check(self, r: Request) -> int:
         """``state.ADMITTED`` or why ``r`` can never be admitted, whatever the table holds."""
         if (r.request_id < 0 or r.prompt_len < 1 or r.max_new_tokens < 1 or r.history_len < 0
-                or r.history_len >= r.prompt_len or r.priority < 0):
+                or r.history_len >= r.prompt_len):
             return S.INVALID
         if r.prompt_len + r.max_new_tokens > self.limits.max_model_len:
             return S.TOO_LONG
@@ -218,10 +215,12 @@ class PyScheduler:
             chosen[i] = s
         for i in fresh[len(spare):]:
             reasons[i] = S.NO_SLOT
-        # Fresh slots start from nothing; so does a retained K,V covering the whole new prompt.
+        # Fresh slots start from nothing; so does a retained K,V whose retention expired before
+        # the request arrived, or that covers the whole new prompt.
         tokens = self.cached_tokens
         stale = sorted(s for r, s in zip(requests, chosen) if s is not None and (
-            s not in reused or tokens[s] >= r.prompt_len))
+            s not in reused or tokens[s] >= r.prompt_len
+            or slots[s].expiry <= _f32(r.arrival)))
         self._free(stale)
         for r, s in zip(requests, chosen):
             if s is not None:
@@ -303,22 +302,27 @@ class PyScheduler:
                     return i
         return None
 
-    def _make_room(self, order: list[int], grant: list[int], evicted: list[bool],
-                   preempted: list[bool], preempt_running: bool) -> None:
-        """Evict the least recently used idle session; with none, preempt the last running
-        slot in order (if allowed)."""
+    def _victims(self, order: list[int], after: int, for_running: bool) -> list[int]:
+        """Who may give way, in the order they do: idle sessions least recently used first,
+        then waiting slots after rank ``after`` holding a retained K,V (last first), then, for
+        running slots only, the running slots (last first)."""
         slots, tokens = self.slots, self.cached_tokens
-        idle = [s for s in self.idle if tokens[s] > 0]
-        if idle:
-            victim = min(idle, key=lambda s: (slots[s].last_used, s))
-            evicted[victim] = True
-            status = S.EMPTY
-        elif preempt_running:
-            victim = next(s for s in reversed(order) if slots[s].status == S.RUNNING)
-            grant[victim], preempted[victim] = 0, True
-            status = S.PREEMPTED
+        idle = sorted((s for s in self.idle if tokens[s] > 0),
+                      key=lambda s: (slots[s].last_used, s))
+        waiting = [s for s in reversed(order[after + 1:])
+                   if slots[s].status in WAITS and tokens[s] > 0]
+        running = ([s for s in reversed(order) if slots[s].status == S.RUNNING]
+                   if for_running else [])
+        return idle + waiting + running
+
+    def _make_room(self, victim: int, grant: list[int], evicted: list[bool],
+                   preempted: list[bool]) -> None:
+        """``victim`` gives its K,V way: an idle session empties, a waiting or running slot is
+        preempted."""
+        if self.slots[victim].status == S.FINISHED:
+            evicted[victim], status = True, S.EMPTY
         else:
-            return
+            grant[victim], preempted[victim], status = 0, True, S.PREEMPTED
         self._free([victim])
         self._set_status(victim, status)
 
@@ -331,20 +335,25 @@ class PyScheduler:
         the budget is handed out again, until nothing new is denied."""
         denied: set[int] = set()
         while True:
+            preempted_before = sum(preempted)
             excluded = denied | {s for s in order if preempted[s]}
             grant = self._budget(order, wants, excluded)
             need = self._running_need(order, grant)
             while need > self._free_blocks():
-                self._make_room(order, grant, evicted, preempted, preempt_running=True)
+                victims = self._victims(order, -1, for_running=True)
+                if not victims:
+                    break
+                self._make_room(victims[0], grant, evicted, preempted)
                 need = self._running_need(order, grant)
             misfit = self._first_misfit(order, grant, need)
-            while misfit is not None and any(self.cached_tokens[s] > 0 for s in self.idle):
-                self._make_room(order, grant, evicted, preempted, preempt_running=False)
+            while misfit is not None:
+                victims = self._victims(order, misfit, for_running=False)
+                if not victims:
+                    break
+                self._make_room(victims[0], grant, evicted, preempted)
                 misfit = self._first_misfit(order, grant, need)
-            if misfit is None:
-                return grant
-            changed = False
-            for s in order[misfit:]:
+            changed = sum(preempted) > preempted_before
+            for s in order[misfit:] if misfit is not None else []:
                 if self.slots[s].status in WAITS:
                     grant[s] = 0
                     changed |= s not in denied

@@ -30,7 +30,7 @@ i32, f32 = jnp.int32, jnp.float32
 EMPTY = 0  # free slot
 WAITING = 1  # admitted, not running yet
 RUNNING = 2  # computing its prompt or generating
-PREEMPTED = 3  # was running, K,V dropped; waits to recompute
+PREEMPTED = 3  # lost its K,V to make room (running, or waiting with a retained K,V)
 LOADING = 4  # K,V coming back from the host tier
 OFFLOADED = 5  # K,V on the host tier, not running
 FINISHED = 6  # request done; a retained session's K,V stays until evicted
@@ -44,11 +44,11 @@ TOO_LONG = 1  # prompt plus max_new_tokens exceeds max_model_len
 NO_MEMORY = 2  # its prompt needs more blocks than the whole pool has
 NO_SLOT = 3  # every slot is busy with an active request
 SESSION_BUSY = 4  # its session's previous request has not finished
-INVALID = 5  # malformed: empty prompt, no new tokens allowed, negative priority...
+INVALID = 5  # malformed: empty prompt, max_new_tokens < 1, history not shorter than prompt
 REASONS = ("admitted", "prompt plus max_new_tokens exceeds max_model_len",
            "prompt needs more blocks than the pool has", "no free slot",
            "the session's previous request is still running",
-           "invalid request (empty prompt or max_new_tokens < 1)")
+           "invalid request (empty prompt, max_new_tokens < 1, or history not shorter than prompt)")
 
 NO_SESSION = -1
 NEVER = np.float32(np.inf)
@@ -63,7 +63,8 @@ class Requests:
     session_id: jax.Array  # i32[R]  NO_SESSION for a request without a session
     request_id: jax.Array  # i32[R]  the current request
     prompt_len: jax.Array  # i32[R]  tokens of its prompt, history included
-    history_len: jax.Array  # i32[R] of which earlier turns (for redundancy counts)
+    history_len: jax.Array  # i32[R] of which K,V computed before (earlier turns; not the last
+    #                                   token sampled, whose K,V never is): redundancy counts
     max_new_tokens: jax.Array  # i32[R]
     num_generated: jax.Array  # i32[R]  tokens sampled so far
     priority: jax.Array  # i32[R]  lower runs first (policy "priority")
@@ -102,9 +103,9 @@ class NewRequests:
     request_id: jax.Array  # i32[N]
     session_id: jax.Array  # i32[N]  NO_SESSION: none
     prompt_len: jax.Array  # i32[N]  history + new input
-    history_len: jax.Array  # i32[N]
+    history_len: jax.Array  # i32[N]  prompt tokens whose K,V was computed before
     max_new_tokens: jax.Array  # i32[N]
-    priority: jax.Array  # i32[N]
+    priority: jax.Array  # i32[N]  lower runs first (any integer)
     arrival: jax.Array  # f32[N]
 
 

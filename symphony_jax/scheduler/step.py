@@ -99,6 +99,28 @@ def _overlap(start, length, end) -> jax.Array:
     return jnp.clip(jnp.minimum(start + length, end) - start, 0, None)
 
 
+def _reserve(table: bt.BlockTable, grant: jax.Array, batch: jax.Array,
+             limits: SchedulerConfig, chunk: int = 8) -> bt.BlockTable:
+    """Reserve the granted tokens (they fit; ``batch`` lists the scheduled slots first). Most
+    slots need at most one new block (decode tokens, small chunks): they are reserved together,
+    one block wide, over the first ``max_num_seqs`` slots of the batch; the few that need more
+    are reserved ``chunk`` at a time at the width of a whole budget, so the work follows what is
+    reserved."""
+    R = grant.shape[0]
+    need = _blocks_needed(table.num_tokens[0], grant, table.block_size)
+    head = batch[: limits.max_num_seqs]
+    narrow = (grant > 0) & (need <= 1)
+    table, _ = bt.reserve(table, jnp.where(narrow[head], head, R), grant[head], max_new_blocks=1)
+    width = min(-(-limits.max_num_batched_tokens // table.block_size) + 1,
+                table.max_blocks_per_seq)
+
+    def reserve_wide(table, slots):
+        counts = grant.at[slots].get(mode="fill", fill_value=0)
+        return bt.reserve(table, slots, counts, max_new_blocks=width)[0]
+
+    return bt.in_chunks(table, (grant > 0) & (need > 1), reserve_wide, chunk)
+
+
 @functools.partial(jax.jit, donate_argnames="state", static_argnames=("limits", "policy"))
 def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: Policy):
     """Decide this step (see the module doc). Returns the state (blocks reserved for the
@@ -113,7 +135,7 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
     slots = jnp.arange(R, dtype=i32)
     expired = (r.status == S.FINISHED) & (r.expiry <= now)
     evicted = expired & (state.cached_tokens > 0)
-    table = bt.free(table, jnp.where(evicted, slots, R))
+    table = bt.free_where(table, evicted)
     r = dataclasses.replace(r, status=jnp.where(expired, S.EMPTY, r.status))
 
     cached = table.num_tokens[0]
@@ -132,45 +154,53 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
     def running_deficit(room: _Room) -> jax.Array:
         return needs(room, room.status == S.RUNNING).sum() - free_blocks(room.table)
 
-    def waiting_shortfall(room: _Room):
-        """bool[R] waiting slots whose blocks fit, in order, after the running slots'; and
-        the blocks missing for the first that does not."""
+    def first_misfit(room: _Room):
+        """The rank of the first waiting slot whose blocks do not fit, in order, after the
+        running slots' (R if none), and the blocks it misses."""
         spare = -running_deficit(room)
         need = needs(room, is_waiting(room.status) & (room.grant > 0))[order]
         total = jnp.cumsum(need)
         fit = jnp.cumprod((total <= spare) | (need == 0)).astype(bool)
-        first_misfit = jnp.argmin(fit)
-        missing = jnp.where(fit.all(), 0, total[first_misfit] - spare)
-        return jnp.zeros(R, bool).at[order].set(fit), missing
+        rank = jnp.where(fit.all(), R, jnp.argmin(fit))
+        return rank, jnp.where(fit.all(), 0, total[jnp.minimum(rank, R - 1)] - spare)
 
     def idle(room: _Room) -> jax.Array:
         return (room.status == S.FINISHED) & (room.table.num_tokens[0] > 0)
+
+    def retaining(room: _Room, after: jax.Array) -> jax.Array:
+        """Waiting slots after rank ``after`` that hold K,V (a session's retained history)."""
+        return is_waiting(room.status) & (room.table.num_tokens[0] > 0) & (position > after)
 
     def cached_spare(room: _Room) -> jax.Array:
         if not policy.prefix_caching:
             return jnp.int32(0)
         return prefix_cache.evictable(room.cache, room.table).sum(dtype=i32)
 
-    def make_room(room: _Room, preempt_running: bool, deficit) -> _Room:
-        """Evict the ``deficit(room)`` least recently used cached blocks nobody uses; with
-        none, evict the least recently used idle session; with none, preempt the last running
-        slot in order (if allowed)."""
+    def can_make_room(room: _Room, after, for_running: bool) -> jax.Array:
+        spare = (cached_spare(room) > 0) | idle(room).any() | retaining(room, after).any()
+        return spare | (room.status == S.RUNNING).any() if for_running else spare
+
+    def make_room(room: _Room, deficit, after, for_running: bool) -> _Room:
+        """Give way, the first that applies: the ``deficit`` least recently used cached
+        blocks nobody uses; the least recently used idle session; the K,V retained by the last
+        waiting slot in order after rank ``after``; for running slots only, the last running
+        slot in order (preempted)."""
         if policy.prefix_caching:
             def evict_cached(room):
-                cache, table = prefix_cache.evict(room.cache, room.table, deficit(room))
+                cache, table = prefix_cache.evict(room.cache, room.table, deficit)
                 return dataclasses.replace(room, cache=cache, table=table)
 
             return jax.lax.cond(cached_spare(room) > 0, evict_cached, functools.partial(
-                free_slot, preempt_running=preempt_running), room)
-        return free_slot(room, preempt_running)
+                free_slot, after=after, for_running=for_running), room)
+        return free_slot(room, after, for_running)
 
-    def free_slot(room: _Room, preempt_running: bool) -> _Room:
-        has_idle = idle(room).any()
-        victim = jnp.argmin(jnp.where(idle(room), r.last_used, jnp.inf))
-        preempt = jnp.bool_(False)
-        if preempt_running:
-            last = jnp.argmax(jnp.where(room.status == S.RUNNING, position, -1))
-            victim, preempt = jnp.where(has_idle, victim, last), ~has_idle
+    def free_slot(room: _Room, after, for_running: bool) -> _Room:
+        has_idle, waiting = idle(room).any(), retaining(room, after)
+        lru = jnp.argmin(jnp.where(idle(room), r.last_used, jnp.inf))
+        last_waiting = jnp.argmax(jnp.where(waiting, position, -1))
+        last_running = jnp.argmax(jnp.where(room.status == S.RUNNING, position, -1))
+        victim = jnp.where(has_idle, lru, jnp.where(waiting.any(), last_waiting, last_running))
+        preempt = ~has_idle  # a waiting or running slot loses its K,V
         status = jnp.where(preempt, S.PREEMPTED, S.EMPTY)
         return dataclasses.replace(
             room, table=bt.free(room.table, victim[None]),
@@ -180,33 +210,34 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
             preempted=room.preempted.at[victim].set(room.preempted[victim] | preempt))
 
     def settle(room: _Room) -> _Room:
-        """Budget for every slot not denied; room for the running ones; waiting ones that do
-        not fit are denied (and give their budget back in the next round)."""
+        """Budget for every slot not denied or preempted; room for the running ones; waiting
+        ones that do not fit are denied. Denials and preemptions hand their budget back in the
+        next round."""
         excluded = room.denied | room.preempted
         got = _budget(jnp.where(excluded, 0, want)[order], limits, policy.chunked_prefill)
+        before = room.preempted
         room = dataclasses.replace(room, grant=jnp.zeros(R, i32).at[order].set(got))
-        room = jax.lax.while_loop(lambda room: running_deficit(room) > 0, functools.partial(
-            make_room, preempt_running=True, deficit=running_deficit), room)
-        waiting_short = lambda room: (idle(room).any() | (cached_spare(room) > 0)) & (
-            waiting_shortfall(room)[1] > 0)
-        room = jax.lax.while_loop(waiting_short, functools.partial(
-            make_room, preempt_running=False, deficit=lambda room: waiting_shortfall(room)[1]),
-            room)
+        running_short = lambda room: (running_deficit(room) > 0) & can_make_room(room, -1, True)
+        room = jax.lax.while_loop(running_short, lambda room: make_room(
+            room, running_deficit(room), -1, True), room)
+        waiting_short = lambda room: (first_misfit(room)[1] > 0) & can_make_room(
+            room, first_misfit(room)[0], False)
+        room = jax.lax.while_loop(waiting_short, lambda room: make_room(
+            room, first_misfit(room)[1], first_misfit(room)[0], False), room)
         # FCFS: the first waiting slot that does not fit stops every waiting slot after it.
-        misfit = is_waiting(room.status) & (room.grant > 0) & ~waiting_shortfall(room)[0]
-        denied = is_waiting(room.status) & (position >= jnp.min(jnp.where(misfit, position, R)))
+        denied = is_waiting(room.status) & (position >= first_misfit(room)[0])
+        new = (denied & ~room.denied) | (room.preempted & ~before)
         return dataclasses.replace(room, grant=jnp.where(denied, 0, room.grant),
-                                   denied=room.denied | denied,
-                                   changed=(denied & ~room.denied).any())
+                                   denied=room.denied | denied, changed=new.any())
 
     no = jnp.zeros(R, bool)
     room = jax.lax.while_loop(lambda room: room.changed, settle, _Room(
         table, state.cache, r.status, jnp.zeros(R, i32), evicted, no, no, jnp.bool_(True)))
     table, status, grant, evicted, preempted = (room.table, room.status, room.grant,
                                                 room.evicted, room.preempted)
-    table, _ = bt.reserve(table, jnp.where(grant > 0, slots, R)[order], grant[order])
-
     scheduled = grant > 0  # victims are never scheduled: their cache is unchanged
+    batch_order = jnp.argsort(jnp.where(scheduled, position, R + position))
+    table = _reserve(table, grant, batch_order, limits)
     samples = scheduled & (cached + grant == known)
     requests = dataclasses.replace(
         r,
@@ -217,7 +248,6 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
             scheduled, _overlap(cached, grant, r.history_len), 0),
         preemptions=r.preemptions + preempted,
     )
-    batch_order = jnp.argsort(jnp.where(scheduled, position, R + position))
     plan = StepPlan(
         query_lens=grant,
         order=jnp.where(scheduled[batch_order], batch_order, R).astype(i32),
@@ -254,7 +284,7 @@ def commit(state: S.SchedulerState, plan: StepPlan, stop: jax.Array, now, *, pol
                                              rows.reshape(-1), valid.reshape(-1), now)
     keep = finished & (r.session_id != S.NO_SESSION) & (policy.retention != "drop")
     dropped = finished & ~keep
-    table = bt.free(table, jnp.where(dropped, jnp.arange(state.num_slots), state.num_slots))
+    table = bt.free_where(table, dropped)
     requests = dataclasses.replace(
         r,
         status=jnp.where(dropped, S.EMPTY, jnp.where(finished, S.FINISHED, r.status)),

@@ -10,7 +10,6 @@ from symphony_jax.engine.engine import Engine
 from symphony_jax.engine.sampling import SamplingParams
 from symphony_jax.model.params import init_params
 from symphony_jax.scheduler import batch
-from symphony_jax.scheduler import step as scheduler_step
 from symphony_jax.scheduler.policy import Policy
 
 TINY = model_preset("tiny")
@@ -82,7 +81,7 @@ def test_no_recompilation_once_warm():
     """120 steps of changing batches: the second half compiles nothing new."""
     engine = Engine(ROOMY, PARAMS)
     rng = np.random.default_rng(3)
-    cached = lambda: (device_step.run._cache_size(), scheduler_step.schedule._cache_size(),
+    cached = lambda: (device_step.run._cache_size(), device_step.schedule._cache_size(),
                       device_step.admit._cache_size())
     sizes = [cached()]  # other tests' configurations share the process-wide caches
     for step in range(120):

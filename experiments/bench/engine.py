@@ -5,8 +5,8 @@ paged model, sample, commit — with the host reading back the plan's size and t
 The naive loop is ``model.dense`` over a contiguous cache and ``argmax``: no scheduler, no pages.
 Both run the same model on the same batches of prompts (random weights: timings do not depend on
 values), generating until every sequence has its tokens; the figure is decode tokens per second
-over the steps where every sequence decodes, the two measured one after the other in the same
-run (each after a warm-up round that compiles it).
+over the steps where every sequence decodes, the two measured alternately in the same run, three
+rounds each (each after a warm-up round that compiles it).
 
 On CPU: the ``tiny`` model and the SmolLM2-135M geometry (float32) at batch 1, 8 and 32. On a GPU:
 the Llama-3.1-8B geometry in bfloat16 at batch 1, 16 and 64, with the decode step's fraction of
@@ -33,6 +33,7 @@ from symphony_jax.model import dense
 from symphony_jax.model.params import init_params
 
 ON_GPU = jax.default_backend() == "gpu"
+ROUNDS = 3  # the two loops alternate; each figure is the median of its rounds
 PEAK_BANDWIDTH = {"NVIDIA H100 PCIe": 2.0e12, "NVIDIA H100": 3.35e12, "NVIDIA H200": 4.8e12,
                   "NVIDIA A100": 2.04e12}
 
@@ -99,8 +100,9 @@ def report(quick: bool) -> str:
                                                   max_model_len=max_len, num_slots=batch))
             prompts = np.random.default_rng(batch).integers(
                 0, model.vocab_size, (batch, prompt_len)).astype(np.int32)
-            ours = engine_decode(config, params, prompts, steps)
-            naive = naive_decode(config, params, prompts, steps)
+            rounds = [(engine_decode(config, params, prompts, steps),
+                       naive_decode(config, params, prompts, steps)) for _ in range(ROUNDS)]
+            ours, naive = np.median(rounds, axis=0)
             kv = batch * (prompt_len + steps // 2) * model.kv_bytes_per_token()
             roofline = (f"{(weight_bytes + kv) / peak / ours:.0%}" if peak else "n/a")
             lines.append(f"| {name} | {batch} | {prompt_len} | {ours * 1e3:,.2f} ms | "

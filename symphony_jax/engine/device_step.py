@@ -43,13 +43,17 @@ class DeviceState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepOutputs:
-    """What one step produced (B sequences in the batch, R slots)."""
+    """What one step produced, packed in two arrays that the host reads in one transfer
+    (B sequences in the batch, R slots). Rows are named by the constants below."""
 
-    seq_slots: jax.Array  # i32[B]  slot of each batch sequence (R: padding)
-    sampled: jax.Array  # i32[B]    token sampled for it (meaningful where ``samples``)
-    samples: jax.Array  # bool[B]   the sequence sampled a token this step
-    finished: jax.Array  # bool[R]  slots whose request finished this step
-    counters: S.Requests  # each slot's request after the step (ids and token counts)
+    sequences: jax.Array  # i32[4, B]  per batch sequence: SLOT (R: padding), TOKEN (sampled),
+    #                                  SAMPLED (1: it sampled this step), FINISHED (1)
+    counters: jax.Array  # i32[4, R]   per slot: REQUEST id, CACHED prompt tokens at admission,
+    #                                  COMPUTED prompt tokens, RECOMPUTED history tokens
+
+
+SLOT, TOKEN, SAMPLED, FINISHED = range(4)  # rows of StepOutputs.sequences
+REQUEST, CACHED, COMPUTED, RECOMPUTED = range(4)  # rows of StepOutputs.counters
 
 
 def _keys(tokens: jax.Array, lengths: jax.Array, blocks) -> jax.Array:
@@ -69,6 +73,15 @@ def admit(device: DeviceState, new: S.NewRequests, prompts: jax.Array, rows: Sam
     return dataclasses.replace(
         device, scheduler=scheduler, tokens=device.tokens.at[target].set(prompts, mode="drop"),
         sampling=device.sampling.put(target, rows)), slots, reasons
+
+
+@functools.partial(jax.jit, donate_argnames="scheduler", static_argnames=("limits", "policy"))
+def schedule(scheduler: S.SchedulerState, now, *, limits, policy: Policy):
+    """``scheduler.step.schedule``, with the plan's counts packed for one read:
+    ``i32[3]`` = (sequences, tokens, decode only)."""
+    scheduler, plan = scheduler_step.schedule(scheduler, now, limits=limits, policy=policy)
+    counts = jnp.stack([plan.num_seqs, plan.num_tokens, plan.decode_only.astype(i32)])
+    return scheduler, plan, counts
 
 
 @functools.partial(jax.jit, donate_argnames="device", static_argnames=(
@@ -99,5 +112,9 @@ def run(device: DeviceState, params: LlamaParams, plan: scheduler_step.StepPlan,
         keys = _keys(rows, layout.context_lens, scheduler.blocks)
     scheduler, finished = scheduler_step.commit(scheduler, plan, stop, now, policy=policy,
                                                 seq_slots=layout.seq_slots, block_keys=keys)
-    return (dataclasses.replace(device, scheduler=scheduler, pool=pool, tokens=tokens),
-            StepOutputs(layout.seq_slots, sampled, samples, finished, scheduler.requests))
+    r = scheduler.requests
+    outputs = StepOutputs(
+        jnp.stack([layout.seq_slots, sampled, samples.astype(i32),
+                   finished.at[layout.seq_slots].get(mode="fill", fill_value=False).astype(i32)]),
+        jnp.stack([r.request_id, r.cached_at_admission, r.computed, r.recomputed_history]))
+    return (dataclasses.replace(device, scheduler=scheduler, pool=pool, tokens=tokens), outputs)

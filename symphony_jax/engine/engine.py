@@ -22,12 +22,13 @@ import numpy as np
 from symphony_jax import metrics
 from symphony_jax.config import EngineConfig
 from symphony_jax.engine import device_step
+from symphony_jax.engine.device_step import (CACHED, COMPUTED, FINISHED, RECOMPUTED, REQUEST,
+                                              SAMPLED, SLOT, TOKEN)
 from symphony_jax.engine.sampling import SamplingParams, SamplingTable
 from symphony_jax.memory import kv_cache
 from symphony_jax.model.params import LlamaParams
 from symphony_jax.scheduler import admission, batch
 from symphony_jax.scheduler import state as S
-from symphony_jax.scheduler import step as scheduler_step
 from symphony_jax.scheduler.policy import Policy
 
 
@@ -154,12 +155,11 @@ class Engine:
         """Admit, schedule and dispatch one step; return the tokens of the previous one."""
         self._apply_aborts()
         self._admit()
-        scheduler, plan = scheduler_step.schedule(self.device.scheduler, self.now(),
-                                                  limits=self.config.scheduler,
-                                                  policy=self.policy)
+        scheduler, plan, counts = device_step.schedule(self.device.scheduler, self.now(),
+                                                       limits=self.config.scheduler,
+                                                       policy=self.policy)
         self.device = dataclasses.replace(self.device, scheduler=scheduler)
-        num_seqs, num_tokens, decode = (int(x) for x in jax.device_get(
-            (plan.num_seqs, plan.num_tokens, plan.decode_only)))
+        num_seqs, num_tokens, decode = np.asarray(counts).tolist()
         previous, self.inflight = self.inflight, None
         if num_seqs:
             seqs, tokens = batch.shape(num_seqs, num_tokens, decode, self.config.scheduler)
@@ -255,22 +255,17 @@ class Engine:
         if inflight is None:
             return outputs
         step_outputs, owners = inflight
-        seq_slots, sampled, samples, finished = jax.device_get(
-            (step_outputs.seq_slots, step_outputs.sampled, step_outputs.samples,
-             step_outputs.finished))
+        sequences, counters = jax.device_get((step_outputs.sequences, step_outputs.counters))
         now = self.now()
-        produced = {}
-        for slot, token, sampled_one in zip(seq_slots, sampled, samples):
-            if sampled_one and slot < len(owners) and owners[slot] >= 0:
+        for slot, token, sampled in sequences[[SLOT, TOKEN, SAMPLED]].T.tolist():
+            if sampled and slot < len(owners) and owners[slot] >= 0:
                 request = self.requests[int(owners[slot])]
                 if request.finish_reason is None:  # an abort may have overtaken the step
-                    request.output.append(int(token))
+                    request.output.append(token)
                     request.token_times.append(now)
-                    produced[request.request_id] = [int(token)]
-        for request_id, tokens in produced.items():
-            outputs.append(RequestOutput(request_id, tokens))
-        self._account(owners, step_outputs.counters)
-        for slot in np.flatnonzero(finished):
+                    outputs.append(RequestOutput(request.request_id, [token]))
+        self._account(owners, counters)
+        for slot in sequences[SLOT, sequences[FINISHED] == 1]:
             request = self.requests[int(owners[slot])]
             if request.finish_reason is None:
                 stops = set(request.sampling.stop_token_ids) | (
@@ -281,10 +276,10 @@ class Engine:
         self.done = []
         return outputs
 
-    def _account(self, owners: np.ndarray, r: S.Requests) -> None:
-        """Copy the scheduler's per-request token counts (after a step) to the host records."""
-        cached, computed, recomputed, ids = jax.device_get(
-            (r.cached_at_admission, r.computed, r.recomputed_history, r.request_id))
+    def _account(self, owners: np.ndarray, counters: np.ndarray) -> None:
+        """Copy the scheduler's per-request token counts after a step (``StepOutputs.counters``)
+        to the host records."""
+        ids, cached, computed, recomputed = counters[[REQUEST, CACHED, COMPUTED, RECOMPUTED]]
         for slot in np.flatnonzero(owners >= 0):
             request = self.requests[int(owners[slot])]
             if ids[slot] == request.request_id:

@@ -68,6 +68,22 @@ class _Room:
     changed: jax.Array  # bool[]    the last round denied a slot
 
 
+def _until_room(room: _Room, shortfall, can_make_room, make_room) -> tuple[_Room, jax.Array]:
+    """Make room while ``shortfall(room) -> (after, blocks missing)`` is positive and
+    something can give way; returns the room and the last ``after``."""
+    def short(carry):
+        room, after, missing = carry
+        return (missing > 0) & can_make_room(room, after)
+
+    def give_way(carry):
+        room, after, missing = carry
+        room = make_room(room, missing, after)
+        return (room, *shortfall(room))
+
+    room, after, _ = jax.lax.while_loop(short, give_way, (room, *shortfall(room)))
+    return room, after
+
+
 def _order(r: S.Requests, known, cached, policy: Policy) -> jax.Array:
     """Active slots in scheduling order, then the others (i32[R])."""
     running, decoding = r.status == S.RUNNING, known - cached == 1
@@ -76,8 +92,8 @@ def _order(r: S.Requests, known, cached, policy: Policy) -> jax.Array:
         group = jnp.select([running & decoding, running, waiting], [0, 1, 2], 3)
     else:
         group = jnp.select([waiting, running & ~decoding, running], [0, 1, 2], 3)
-    priority = r.priority if policy.order == "priority" else jnp.zeros_like(r.priority)
-    return jnp.lexsort((r.request_id, r.arrival, priority, group))
+    by_priority = (r.priority,) if policy.order == "priority" else ()
+    return jnp.lexsort((r.request_id, r.arrival, *by_priority, group))
 
 
 def _budget(want: jax.Array, limits: SchedulerConfig, chunked: bool) -> jax.Array:
@@ -217,15 +233,14 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         got = _budget(jnp.where(excluded, 0, want)[order], limits, policy.chunked_prefill)
         before = room.preempted
         room = dataclasses.replace(room, grant=jnp.zeros(R, i32).at[order].set(got))
-        running_short = lambda room: (running_deficit(room) > 0) & can_make_room(room, -1, True)
-        room = jax.lax.while_loop(running_short, lambda room: make_room(
-            room, running_deficit(room), -1, True), room)
-        waiting_short = lambda room: (first_misfit(room)[1] > 0) & can_make_room(
-            room, first_misfit(room)[0], False)
-        room = jax.lax.while_loop(waiting_short, lambda room: make_room(
-            room, first_misfit(room)[1], first_misfit(room)[0], False), room)
+        room, _ = _until_room(room, lambda room: (jnp.int32(-1), running_deficit(room)),
+                           functools.partial(can_make_room, for_running=True),
+                           functools.partial(make_room, for_running=True))
+        room, misfit = _until_room(room, first_misfit,
+                                   functools.partial(can_make_room, for_running=False),
+                                   functools.partial(make_room, for_running=False))
         # FCFS: the first waiting slot that does not fit stops every waiting slot after it.
-        denied = is_waiting(room.status) & (position >= first_misfit(room)[0])
+        denied = is_waiting(room.status) & (position >= misfit)
         new = (denied & ~room.denied) | (room.preempted & ~before)
         return dataclasses.replace(room, grant=jnp.where(denied, 0, room.grant),
                                    denied=room.denied | denied, changed=new.any())

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from symphony_jax.config import EngineConfig
 from symphony_jax.engine import hashing
 from symphony_jax.engine.sampling import SamplingTable, is_stop, sample
+from symphony_jax.memory import transfer
 from symphony_jax.memory.kv_cache import KVPool
 from symphony_jax.model import llama
 from symphony_jax.model.params import LlamaParams
@@ -56,6 +57,23 @@ SLOT, TOKEN, SAMPLED, FINISHED = range(4)  # rows of StepOutputs.sequences
 REQUEST, CACHED, COMPUTED, RECOMPUTED = range(4)  # rows of StepOutputs.counters
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Restores:
+    """Host chunks (``transfer.Chunk``) that a step loads layer by layer as it runs: chunk i
+    goes to ``slots[i]``'s blocks from table column ``first_blocks[i]`` on."""
+
+    k: tuple[jax.Array, ...]  # each [L, KVH, n_i, BS, D], host memory
+    v: tuple[jax.Array, ...]
+    slots: jax.Array  # i32[C]
+    first_blocks: jax.Array  # i32[C]
+
+    def loads(self, block_ids: jax.Array, layer_groups: tuple[int, ...]) -> llama.BlockLoads:
+        ids = [transfer.layer_block_ids(block_ids, self.slots[i], self.first_blocks[i],
+                                        k.shape[2], layer_groups) for i, k in enumerate(self.k)]
+        return llama.BlockLoads(self.k, self.v, jnp.concatenate(ids, axis=1))
+
+
 def _keys(tokens: jax.Array, lengths: jax.Array, blocks) -> jax.Array:
     return hashing.block_keys(tokens, lengths, blocks.block_size, blocks.max_blocks_per_seq)
 
@@ -77,26 +95,38 @@ def admit(device: DeviceState, new: S.NewRequests, prompts: jax.Array, rows: Sam
 
 @functools.partial(jax.jit, donate_argnames="scheduler", static_argnames=("limits", "policy"))
 def schedule(scheduler: S.SchedulerState, now, *, limits, policy: Policy):
-    """``scheduler.step.schedule``, with the plan's counts packed for one read:
-    ``i32[3]`` = (sequences, tokens, decode only)."""
+    """``scheduler.step.schedule``, with what the host reads packed for one read: ``counts``
+    = (sequences, tokens, decode only), and when K,V moves to and from a host tier
+    (``policy.uses_host``) each slot's cached tokens before the step, ``plan.offloads`` and
+    ``plan.restores`` (``i32[3 + 3R]``). Then also returns the block ids before the step
+    (``i32[G, R, MB]``): an offloaded slot's blocks are read from them."""
+    tokens, block_ids = scheduler.cached_tokens, scheduler.blocks.block_ids
     scheduler, plan = scheduler_step.schedule(scheduler, now, limits=limits, policy=policy)
     counts = jnp.stack([plan.num_seqs, plan.num_tokens, plan.decode_only.astype(i32)])
-    return scheduler, plan, counts
+    if not policy.uses_host:
+        return scheduler, plan, counts, None
+    counts = jnp.concatenate([counts, tokens, plan.offloads.astype(i32),
+                              plan.restores.astype(i32)])
+    return scheduler, plan, counts, block_ids
 
 
 @functools.partial(jax.jit, donate_argnames="device", static_argnames=(
     "num_seqs", "num_tokens", "decode", "config", "policy", "impl"))
-def run(device: DeviceState, params: LlamaParams, plan: scheduler_step.StepPlan, now, *,
-        num_seqs: int, num_tokens: int, decode: bool, config: EngineConfig, policy: Policy,
-        impl: str) -> tuple[DeviceState, StepOutputs]:
+def run(device: DeviceState, params: LlamaParams, plan: scheduler_step.StepPlan, now,
+        restores: Restores | None = None, *, num_seqs: int, num_tokens: int, decode: bool,
+        config: EngineConfig, policy: Policy, impl: str) -> tuple[DeviceState, StepOutputs]:
     """Run the planned step in a batch of ``num_seqs`` sequences and ``num_tokens`` tokens
-    (buckets at least the plan's counts; ``decode``: every sequence runs one token)."""
+    (buckets at least the plan's counts; ``decode``: every sequence runs one token), loading
+    ``restores`` into their blocks layer by layer."""
     scheduler = device.scheduler
     R = scheduler.num_slots
     layout = batch.layout(scheduler.blocks, plan, num_seqs, num_tokens)
     ids = device.tokens.at[layout.token_slots, layout.positions].get(mode="fill", fill_value=0)
+    loads = (None if restores is None
+             else restores.loads(scheduler.blocks.block_ids, config.layer_groups))
     logits, pool = llama.forward(params, device.pool, ids, layout, config=config.model,
-                                 layer_groups=config.layer_groups, decode=decode, impl=impl)
+                                 layer_groups=config.layer_groups, decode=decode, impl=impl,
+                                 loads=loads)
     samples = plan.samples.at[layout.seq_slots].get(mode="fill", fill_value=False)
     generated = scheduler.requests.num_generated.at[layout.seq_slots].get(mode="fill",
                                                                          fill_value=0)

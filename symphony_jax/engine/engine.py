@@ -24,8 +24,10 @@ from symphony_jax.config import EngineConfig
 from symphony_jax.engine import device_step
 from symphony_jax.engine.device_step import (CACHED, COMPUTED, FINISHED, RECOMPUTED, REQUEST,
                                               SAMPLED, SLOT, TOKEN)
+from symphony_jax.engine.host_kv import HostKV
 from symphony_jax.engine.sampling import SamplingParams, SamplingTable
 from symphony_jax.memory import kv_cache
+from symphony_jax.memory.disk_tier import DiskTier
 from symphony_jax.model.params import LlamaParams
 from symphony_jax.scheduler import admission, batch
 from symphony_jax.scheduler import state as S
@@ -75,14 +77,24 @@ class Engine:
     def __init__(self, config: EngineConfig, params: LlamaParams, *, policy: Policy = Policy(),
                  tokenizer=None, eos_token_ids: Sequence[int] = (), impl: str = "auto",
                  device=None, admit_batch: int = 8, max_stop_ids: int = 8,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, disk_dir: str | None = None):
         self.config, self.policy, self.tokenizer, self.impl = config, policy, tokenizer, impl
         self.eos_token_ids = tuple(eos_token_ids or getattr(tokenizer, "eos_token_ids", ()))
         self.admit_batch, self.max_stop_ids, self.clock = admit_batch, max_stop_ids, clock
+        if policy.uses_host and config.cache.num_host_blocks == 0:
+            raise ValueError(f"Engine: policy preemption={policy.preemption!r}, retention="
+                             f"{policy.retention!r} needs a host tier: set "
+                             "CacheConfig.num_host_blocks > 0")
         self.device_ = device or jax.devices()[0]
+        slots = config.scheduler.slots
+        self.slot_request = np.full(slots, -1, np.int64)  # request in each slot
+        self.slot_session = np.full(slots, S.NO_SESSION, np.int64)  # session of each slot
+        self.host = None
+        if policy.uses_host:
+            self.host = HostKV(config, policy, self.device_, self.slot_session,
+                               DiskTier(disk_dir) if disk_dir is not None else None)
         put = lambda tree: jax.device_put(tree, self.device_)
         self.params = put(params)
-        slots = config.scheduler.slots
         self.device = put(device_step.DeviceState(
             scheduler=S.init(config), pool=kv_cache.create(config.model, config.cache),
             tokens=jnp.zeros((slots, config.scheduler.max_model_len), jnp.int32),
@@ -94,7 +106,6 @@ class Engine:
         self.unfinished = 0
         self.pending: list[_Request] = []
         self.aborting: list[int] = []
-        self.slot_request = np.full(slots, -1, np.int64)  # request in each slot
         self.inflight = None  # the last dispatched step's outputs and slot owners
         self.ids = itertools.count()
         self.done: list[RequestOutput] = []  # outputs decided on the host, not yet returned
@@ -154,17 +165,26 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit, schedule and dispatch one step; return the tokens of the previous one."""
         self._apply_aborts()
+        if self.host is not None:
+            self.device = self.host.poll(self.device)
         self._admit()
-        scheduler, plan, counts = device_step.schedule(self.device.scheduler, self.now(),
-                                                       limits=self.config.scheduler,
-                                                       policy=self.policy)
+        scheduler, plan, counts, block_ids = device_step.schedule(
+            self.device.scheduler, self.now(), limits=self.config.scheduler, policy=self.policy)
         self.device = dataclasses.replace(self.device, scheduler=scheduler)
-        num_seqs, num_tokens, decode = np.asarray(counts).tolist()
+        counts = np.asarray(counts)
+        num_seqs, num_tokens, decode = counts[:3].tolist()
+        restores = None
+        if self.host is not None:
+            tokens, offloads, restoring = counts[3:].reshape(3, -1)
+            restores = self.host.dispatch(self.device, block_ids, tokens, offloads, restoring,
+                                          self.slot_session != S.NO_SESSION,
+                                          self.slot_request < 0)
         previous, self.inflight = self.inflight, None
         if num_seqs:
             seqs, tokens = batch.shape(num_seqs, num_tokens, decode, self.config.scheduler)
             self.device, outputs = device_step.run(
-                self.device, self.params, plan, self.now(), num_seqs=seqs, num_tokens=tokens,
+                self.device, self.params, plan, self.now(), restores, num_seqs=seqs,
+                num_tokens=tokens,
                 decode=bool(decode), config=self.config, policy=self.policy, impl=self.impl)
             self.inflight = (outputs, self.slot_request.copy())
         return self._collect(previous)
@@ -218,6 +238,10 @@ class Engine:
         padded[: len(slots)] = slots
         self.device = dataclasses.replace(self.device, scheduler=admission.abort(
             self.device.scheduler, jnp.asarray(padded)))
+        for slot in slots:
+            self.slot_session[slot] = S.NO_SESSION
+            if self.host is not None:
+                self.host.forget(slot)
         for request_id in self.aborting:
             self._finish(self.requests[request_id], "abort")
         self.aborting = []
@@ -242,12 +266,20 @@ class Engine:
                                                         rows, config=self.config,
                                                         policy=self.policy)
         slots, reasons = jax.device_get((slots, reasons))
+        admitted = []
         for r, slot, reason in zip(batch, slots, reasons):
             if reason == S.ADMITTED:
                 r.slot = int(slot)
                 self.slot_request[slot] = r.request_id
+                if self.host is not None and (r.session_id == S.NO_SESSION
+                                              or self.slot_session[slot] != r.session_id):
+                    self.host.forget(slot)  # the slot's last sequence is gone
+                self.slot_session[slot] = r.session_id
+                admitted.append(int(slot))
             else:
                 self._finish(r, f"rejected: {S.REASONS[reason]}")
+        if self.host is not None:
+            self.device = self.host.admitted(self.device, admitted)
 
     def _collect(self, inflight) -> list[RequestOutput]:
         """Outputs of a dispatched step (already complete or nearly), and host decisions."""

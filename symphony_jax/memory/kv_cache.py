@@ -75,6 +75,13 @@ def write(pages: jax.Array, layer, new: jax.Array, slot_mapping: jax.Array) -> j
         pages.shape)
 
 
+def write_blocks(pages: jax.Array, layer, blocks: jax.Array, block_ids: jax.Array) -> jax.Array:
+    """Store whole blocks ``blocks: [KVH, n, BS, D]`` of one layer at ``block_ids: i32[n]``
+    (ids out of range are dropped)."""
+    return pages.at[layer, :, block_ids].set(jnp.swapaxes(blocks, 0, 1).astype(pages.dtype),
+                                             mode="drop")
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def copy_blocks(pool: KVPool, src: jax.Array, dst: jax.Array) -> KVPool:
     """Copy blocks ``src[b] -> dst[b]`` in every layer (a fork's copy-on-write pairs);

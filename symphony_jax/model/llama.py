@@ -13,6 +13,7 @@ operation for operation, including where it casts, so that logits match it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -26,6 +27,19 @@ from symphony_jax.memory.kv_cache import KVPool
 from symphony_jax.memory.layout import BatchLayout
 from symphony_jax.model import rope
 from symphony_jax.model.params import LayerParams, LlamaParams
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockLoads:
+    """K,V blocks in host memory that a step copies into the pool layer by layer (layer-wise
+    loading): chunk i is ``k[i], v[i]: [L, KVH, n_i, BS, D]``, its blocks going to
+    ``block_ids[:, offset_i : offset_i + n_i]`` (``i32[L, sum n_i]``, per layer: layer groups
+    have their own block ids)."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    block_ids: jax.Array
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -65,7 +79,8 @@ def logits(params: LlamaParams, x: jax.Array, config: ModelConfig) -> jax.Array:
     "config", "layer_groups", "decode", "all_logits", "impl"))
 def forward(params: LlamaParams, pool: KVPool, token_ids: jax.Array, layout: BatchLayout, *,
             config: ModelConfig, layer_groups: tuple[int, ...], decode: bool = False,
-            all_logits: bool = False, impl: str = "auto") -> tuple[jax.Array, KVPool]:
+            all_logits: bool = False, impl: str = "auto", loads: BlockLoads | None = None,
+            ) -> tuple[jax.Array, KVPool]:
     """One step: token ids ``i32[T]`` laid out by ``layout``; returns float32 logits of each
     sequence's last token ``[B, V]`` (every token's ``[T, V]`` with ``all_logits``) and the
     pool with the step's K and V written. The pool is donated.
@@ -73,6 +88,10 @@ def forward(params: LlamaParams, pool: KVPool, token_ids: jax.Array, layout: Bat
     ``layer_groups[l]`` is layer l's group (``EngineConfig.layer_groups``). ``decode`` says that
     every sequence runs exactly one token at position ``context_len - 1`` and T == B (then the
     split-K decode kernel runs); otherwise the ragged prefill kernel does.
+
+    ``loads`` (host-memory blocks, e.g. a session's K,V restored as it runs) are copied to the
+    device inside the layer loop, each layer's before that layer writes and attends, so that
+    the copy of layer l + 1 can overlap the compute of layer l.
     """
     if len(layer_groups) != config.num_layers:
         raise ValueError(f"forward: {len(layer_groups)} layer groups for {config.num_layers} "
@@ -81,9 +100,16 @@ def forward(params: LlamaParams, pool: KVPool, token_ids: jax.Array, layout: Bat
     scale = config.head_dim ** -0.5
     x = params.embed[token_ids]
 
+    def load(pages, index, chunks, block_ids):
+        to_device = [jax.device_put(c, jax.memory.Space.Device) for c in chunks]
+        return kv_cache.write_blocks(pages, index, jnp.concatenate(to_device, axis=1), block_ids)
+
     def layer_step(carry, xs):
         x, k_pages, v_pages = carry
-        layer_params, index = xs
+        layer_params, index, layer_loads = xs
+        if layer_loads is not None:
+            k_pages = load(k_pages, index, layer_loads.k, layer_loads.block_ids)
+            v_pages = load(v_pages, index, layer_loads.v, layer_loads.block_ids)
         q, k, v = project_qkv(x, layer_params, layout.positions, config)
         group = groups[index]
         slots = layout.slot_mapping[group]
@@ -101,6 +127,6 @@ def forward(params: LlamaParams, pool: KVPool, token_ids: jax.Array, layout: Bat
         return (finish_layer(x, attention, layer_params, config), k_pages, v_pages), None
 
     (x, k_pages, v_pages), _ = jax.lax.scan(
-        layer_step, (x, pool.k, pool.v), (params.layers, jnp.arange(config.num_layers)))
+        layer_step, (x, pool.k, pool.v), (params.layers, jnp.arange(config.num_layers), loads))
     selected = x if all_logits else x[layout.logits_indices]
     return logits(params, selected, config), KVPool(k_pages, v_pages)

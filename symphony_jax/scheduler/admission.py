@@ -1,7 +1,7 @@
 """Admission: arriving requests into slots.
 
-A request of a session whose slot is idle (finished, K,V retained) takes that slot, and its
-prompt's cached prefix is served from it. Any other request takes an empty slot, or else the slot
+A request of a session whose slot is idle (finished, K,V retained on the device or the host
+tier) takes that slot, and its prompt's cached prefix is served from it. Any other request takes an empty slot, or else the slot
 of the least recently used idle session, whose K,V is dropped. A request is rejected, with a
 reason, if it is malformed, too long for the model, too large for the whole pool, finds no slot,
 or arrives while its session's previous request is still active.
@@ -22,8 +22,8 @@ from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler.policy import Policy
 
 i32 = jnp.int32
-ACTIVE = (S.WAITING, S.RUNNING, S.PREEMPTED, S.LOADING)
-IDLE = (S.FINISHED, S.OFFLOADED)
+ACTIVE = (S.WAITING, S.RUNNING, S.PREEMPTED, S.LOADING, S.OFFLOADED)
+IDLE = (S.FINISHED,)
 
 
 def _is(status: jax.Array, codes: tuple[int, ...]) -> jax.Array:
@@ -95,7 +95,9 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
     cached = state.cached_tokens
     retained = cached.at[own].get(mode="fill", fill_value=0)
     expired = r.expiry.at[own].get(mode="fill", fill_value=jnp.inf) <= new.arrival
-    stale = mark(got, fresh) | mark(reuse & ((retained >= new.prompt_len) | expired), own)
+    covers = (retained >= new.prompt_len) | (
+        r.host_tokens.at[own].get(mode="fill", fill_value=0) >= new.prompt_len)
+    stale = mark(got, fresh) | mark(reuse & (covers | expired), own)
     table = bt.free_where(table, stale)
     if policy.prefix_caching and prompt_keys is not None:
         starts_empty = (reason == S.ADMITTED) & (table.num_tokens[0].at[slot].get(
@@ -124,6 +126,7 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
         computed=write(r.computed, jnp.zeros(N, i32)),
         recomputed_history=write(r.recomputed_history, jnp.zeros(N, i32)),
         preemptions=write(r.preemptions, jnp.zeros(N, i32)),
+        host_tokens=jnp.where(stale, 0, r.host_tokens),
     )
     return S.SchedulerState(requests, table, cache), slot.astype(i32), reason
 
@@ -135,6 +138,7 @@ def abort(state: S.SchedulerState, slots: jax.Array) -> S.SchedulerState:
     R = state.num_slots
     slots = jnp.where((slots >= 0) & (slots < R), slots, R)
     hit = jnp.zeros(R, bool).at[slots].set(True, mode="drop")
-    status = jnp.where(hit, S.EMPTY, state.requests.status)
-    return S.SchedulerState(dataclasses.replace(state.requests, status=status),
+    r = state.requests
+    return S.SchedulerState(dataclasses.replace(r, status=jnp.where(hit, S.EMPTY, r.status),
+                                                host_tokens=jnp.where(hit, 0, r.host_tokens)),
                             bt.free(state.blocks, slots), state.cache)

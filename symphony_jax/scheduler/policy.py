@@ -12,7 +12,7 @@ import math
 ORDERS = ("fcfs", "priority")
 PREFILLS = ("decode_first", "prefill_first")
 PREEMPTIONS = ("recompute", "swap")
-RETENTIONS = ("drop", "keep", "ttl")
+RETENTIONS = ("drop", "keep", "ttl", "host")
 
 
 def _choice(owner, field: str, value, allowed: tuple[str, ...]) -> None:
@@ -30,12 +30,18 @@ class Policy:
       waiting prompts first, decodes with what is left.
     - ``chunked_prefill``: a prompt may run in chunks; without it a prompt runs whole or waits.
     - ``preemption``: when running sequences need blocks that are not there, the last in order
-      loses its K,V: ``recompute`` drops it (recomputed when it runs again); ``swap`` moves it
-      to the host tier (needs one).
+      loses its K,V: ``recompute`` drops it (recomputed when it runs again); ``swap`` copies it
+      to the host tier and restores it when it runs again (needs a host tier).
     - ``retention``: what a finished request leaves behind for its session's next turn:
       ``drop`` frees its K,V (the next turn recomputes the history), ``keep`` keeps it on the
       device until memory is needed (least recently used idle sessions go first), ``ttl`` keeps
-      it for ``ttl_s`` seconds (Continuum style) or until memory is needed.
+      it for ``ttl_s`` seconds (Continuum style) or until memory is needed, ``host`` keeps it on
+      the device as ``keep`` does and also on the host tier, written back as tokens are
+      generated, so that dropping the device copy costs nothing and the next turn restores it
+      instead of recomputing (needs a host tier).
+    - ``layerwise_loading``: a restored request computes in the step that restores it, each
+      layer's K,V copied to the device inside the layer loop; without it the copy completes
+      first (``LOADING``) and the request runs in a later step.
     - ``prefix_caching``: full blocks of finished requests stay cached by content
       (``prefix_cache``); a new request starts from the longest cached prefix of its prompt,
       across sessions. Cached blocks nobody uses are the first to go when memory is needed.
@@ -48,22 +54,26 @@ class Policy:
     retention: str = "drop"
     ttl_s: float = math.inf
     prefix_caching: bool = False
+    layerwise_loading: bool = False
 
     def __post_init__(self):
         for field, allowed in (("order", ORDERS), ("prefill", PREFILLS),
                                ("preemption", PREEMPTIONS), ("retention", RETENTIONS)):
             _choice("Policy", field, getattr(self, field), allowed)
-        for field in ("chunked_prefill", "prefix_caching"):
+        for field in ("chunked_prefill", "prefix_caching", "layerwise_loading"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"Policy.{field}={getattr(self, field)!r}: expected a bool")
         if isinstance(self.ttl_s, bool) or not isinstance(self.ttl_s, (int, float)) or \
                 not self.ttl_s > 0:
             raise ValueError(f"Policy.ttl_s={self.ttl_s!r}: expected a number > 0")
-        if self.preemption == "swap":
-            raise ValueError("Policy.preemption='swap': needs the host tier, which this "
-                             "scheduler does not have; use 'recompute'")
+
+    @property
+    def uses_host(self) -> bool:
+        """Whether K,V moves to and from a host tier under this policy."""
+        return self.preemption == "swap" or self.retention == "host"
 
     @property
     def retention_s(self) -> float:
         """How long a finished session's K,V is kept (0: dropped at once)."""
-        return {"drop": 0.0, "keep": math.inf, "ttl": float(self.ttl_s)}[self.retention]
+        return {"drop": 0.0, "keep": math.inf, "ttl": float(self.ttl_s),
+                "host": math.inf}[self.retention]

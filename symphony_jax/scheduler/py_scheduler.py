@@ -85,6 +85,7 @@ class Slot:
     computed: int = 0
     recomputed_history: int = 0
     preemptions: int = 0
+    host_tokens: int = 0  # always 0: this scheduler has no host tier
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,6 +98,8 @@ class PyPlan:
     num_tokens: int
     samples: list[bool]
     preempted: list[bool]
+    offloads: list[bool]  # always False: no host tier
+    restores: list[bool]  # always False
     evicted: list[bool]
     decode_only: bool
 
@@ -105,6 +108,10 @@ class PyScheduler:
     """One node's scheduler: ``admit``, ``schedule``, ``layout``, ``commit``, ``abort``."""
 
     def __init__(self, config: EngineConfig, policy: Policy):
+        if policy.uses_host:
+            raise ValueError(f"PyScheduler: policy preemption={policy.preemption!r}, retention="
+                             f"{policy.retention!r} needs a host tier, which this scheduler "
+                             "does not model")
         limits = config.scheduler
         if not policy.chunked_prefill and limits.max_num_batched_tokens < limits.max_model_len:
             raise ValueError(
@@ -391,7 +398,8 @@ class PyScheduler:
                 self._set_status(s, S.RUNNING)
         return PyPlan(query_lens=grant, order=batch + [R] * (R - len(batch)),
                       num_seqs=len(batch), num_tokens=sum(grant[s] for s in batch),
-                      samples=samples, preempted=preempted, evicted=evicted,
+                      samples=samples, preempted=preempted, offloads=[False] * R,
+                      restores=[False] * R, evicted=evicted,
                       decode_only=bool(batch) and all(grant[s] == 1 for s in batch))
 
     def layout(self, plan: PyPlan, num_seqs: int, num_tokens: int) -> BatchLayout:

@@ -10,6 +10,11 @@ A request knows ``prompt_len + num_generated`` tokens (its prompt, history inclu
 has generated). Each step it computes some of those not yet cached (a prefill chunk, or the one
 token sampled last step); when a step reaches the last known token, a new token is sampled.
 Prefill and decode are the same rule, and recompute-preemption is just forgetting the cache.
+
+``host_tokens`` counts the slot's tokens whose K,V the node's host tier holds (copies complete).
+A waiting slot with nothing cached on the device and ``host_tokens > 0`` is *restorable*: when it
+is scheduled its blocks are reserved for those tokens as well and the executor copies them back
+(``scheduler.tiers``), so they are not recomputed.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ EMPTY = 0  # free slot
 WAITING = 1  # admitted, not running yet
 RUNNING = 2  # computing its prompt or generating
 PREEMPTED = 3  # lost its K,V to make room (running, or waiting with a retained K,V)
-LOADING = 4  # K,V coming back from the host tier
-OFFLOADED = 5  # K,V on the host tier, not running
+LOADING = 4  # its K,V coming back from the host tier into blocks reserved for it
+OFFLOADED = 5  # preempted by swap: its K,V on the way to the host tier, resumable once stored
 FINISHED = 6  # request done; a retained session's K,V stays until evicted
 REJECTED = 7  # could not be admitted (see the reasons below)
 STATUS_NAMES = ("empty", "waiting", "running", "preempted", "loading", "offloaded", "finished",
@@ -75,6 +80,8 @@ class Requests:
     computed: jax.Array  # i32[R]   prompt tokens computed for this request (recomputation too)
     recomputed_history: jax.Array  # i32[R] of which history tokens (positions < history_len)
     preemptions: jax.Array  # i32[R]  times this request lost its K,V
+    host_tokens: jax.Array  # i32[R]  of its sequence's tokens, those whose K,V the host tier
+    #                                   holds (0: none)
 
 
 @jax.tree_util.register_dataclass
@@ -142,7 +149,7 @@ def init(config: EngineConfig) -> SchedulerState:
             num_generated=zeros(), priority=zeros(), arrival=zeros(np.float32),
             last_used=zeros(np.float32), expiry=zeros(np.float32),
             cached_at_admission=zeros(), computed=zeros(), recomputed_history=zeros(),
-            preemptions=zeros()),
+            preemptions=zeros(), host_tokens=zeros()),
         blocks=bt.from_config(config),
         cache=prefix_cache.create(config.cache.num_device_blocks),
     )

@@ -12,8 +12,13 @@
    whole or not at), and at most ``max_num_seqs`` slots run.
 4. Memory: running slots' blocks come first. While they do not fit, the least recently used idle
    session loses its K,V, else the last running slot in order is preempted (its K,V dropped;
-   it waits to recompute). Waiting slots then take blocks in order while they fit (idle sessions
+   it waits to recompute, or with ``swap`` it waits, ``OFFLOADED``, for the copy of its K,V
+   to the host tier). Waiting slots then take blocks in order while they fit (idle sessions
    giving way first); a waiting slot that does not fit, and every one after it, waits.
+5. A restorable slot (``state`` doc) is scheduled as if its host tokens were cached, and its
+   blocks are reserved for them too: with ``layerwise_loading`` it runs in this step while
+   they are copied back layer by layer; otherwise it gives its tokens back for this step and
+   waits, ``LOADING``, for the copy.
 
 Running work is never preempted for waiting work. The plan lists each slot's query length, the
 slots in batch order, and which slots sample a token (their step reaches the last known token).
@@ -49,6 +54,11 @@ class StepPlan:
     num_tokens: jax.Array  # i32[]   scheduled tokens
     samples: jax.Array  # bool[R]    the slot's step ends at its last known token: sample one
     preempted: jax.Array  # bool[R]  lost its K,V this step to make room
+    offloads: jax.Array  # bool[R]   of which, slots whose K,V the executor copies to the host
+    #                                 (swap: its blocks are reused only after that copy, in
+    #                                 dispatch order)
+    restores: jax.Array  # bool[R]   slots whose host K,V is copied back into blocks reserved
+    #                                 for it this step (``host_tokens`` of them)
     evicted: jax.Array  # bool[R]    idle session that lost its K,V this step
     decode_only: jax.Array  # bool[] every scheduled slot computes exactly one token
 
@@ -154,18 +164,21 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
     table = bt.free_where(table, evicted)
     r = dataclasses.replace(r, status=jnp.where(expired, S.EMPTY, r.status))
 
-    cached = table.num_tokens[0]
+    is_waiting = lambda status: (status == S.WAITING) | (status == S.PREEMPTED)
+    restorable = is_waiting(r.status) & (table.num_tokens[0] == 0) & (r.host_tokens > 0)
+    from_host = jnp.where(restorable, r.host_tokens, 0)  # restored if the slot runs
+    cached = table.num_tokens[0] + from_host
     known = r.prompt_len + r.num_generated
-    active = (r.status == S.RUNNING) | (r.status == S.WAITING) | (r.status == S.PREEMPTED)
+    active = (r.status == S.RUNNING) | is_waiting(r.status)
     order = _order(r, known, cached, policy)
     position = jnp.zeros(R, i32).at[order].set(slots)  # rank of each slot in the order
     want = jnp.where(active, known - cached, 0)
     free_blocks = lambda table: table.free_top.min()
-    is_waiting = lambda status: (status == S.WAITING) | (status == S.PREEMPTED)
 
     def needs(room: _Room, mask) -> jax.Array:
         tokens = room.table.num_tokens[0]
-        return jnp.where(mask, _blocks_needed(tokens, room.grant, room.table.block_size), 0)
+        grant = room.grant + jnp.where(room.grant > 0, from_host, 0)
+        return jnp.where(mask, _blocks_needed(tokens, grant, room.table.block_size), 0)
 
     def running_deficit(room: _Room) -> jax.Array:
         return needs(room, room.status == S.RUNNING).sum() - free_blocks(room.table)
@@ -217,7 +230,10 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         last_running = jnp.argmax(jnp.where(room.status == S.RUNNING, position, -1))
         victim = jnp.where(has_idle, lru, jnp.where(waiting.any(), last_waiting, last_running))
         preempt = ~has_idle  # a waiting or running slot loses its K,V
-        status = jnp.where(preempt, S.PREEMPTED, S.EMPTY)
+        swap = preempt & (policy.preemption == "swap")
+        # An idle session whose K,V the host tier holds keeps its slot: its next turn restores.
+        idle_status = jnp.where(r.host_tokens[victim] > 0, S.FINISHED, S.EMPTY)
+        status = jnp.where(preempt, jnp.where(swap, S.OFFLOADED, S.PREEMPTED), idle_status)
         return dataclasses.replace(
             room, table=bt.free(room.table, victim[None]),
             status=room.status.at[victim].set(status),
@@ -250,13 +266,19 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         table, state.cache, r.status, jnp.zeros(R, i32), evicted, no, no, jnp.bool_(True)))
     table, status, grant, evicted, preempted = (room.table, room.status, room.grant,
                                                 room.evicted, room.preempted)
-    scheduled = grant > 0  # victims are never scheduled: their cache is unchanged
-    batch_order = jnp.argsort(jnp.where(scheduled, position, R + position))
-    table = _reserve(table, grant, batch_order, limits)
+    restores = restorable & (grant > 0)  # victims are never scheduled: their cache is unchanged
+    if not policy.layerwise_loading:  # the copy comes first: a later step computes
+        grant = jnp.where(restores, 0, grant)
+    scheduled = grant > 0
+    reserved = grant + jnp.where(restores, from_host, 0)
+    # Scheduled slots in order, then slots restoring only (they reserve blocks too), then others.
+    batch_order = jnp.argsort(jnp.select([scheduled, restores], [position, R + position],
+                                         2 * R + position))
+    table = _reserve(table, reserved, batch_order, limits)
     samples = scheduled & (cached + grant == known)
     requests = dataclasses.replace(
         r,
-        status=jnp.where(scheduled, S.RUNNING, status),
+        status=jnp.where(scheduled, S.RUNNING, jnp.where(restores, S.LOADING, status)),
         last_used=jnp.where(scheduled, jnp.asarray(now, f32), r.last_used),
         computed=r.computed + jnp.where(scheduled, _overlap(cached, grant, r.prompt_len), 0),
         recomputed_history=r.recomputed_history + jnp.where(
@@ -270,6 +292,8 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         num_tokens=grant.sum(dtype=i32),
         samples=samples,
         preempted=preempted,
+        offloads=(status == S.OFFLOADED) & (r.status != S.OFFLOADED),
+        restores=restores,
         evicted=evicted,
         decode_only=scheduled.any() & jnp.all(grant <= 1),
     )

@@ -1,0 +1,244 @@
+"""The engine's side of the host tier: which K,V to copy when, and telling the scheduler.
+
+Each step, after ``schedule``, the engine hands ``dispatch`` what the plan says: slots preempted
+by swap (``offloads``) are copied to the host tier; slots holding a session under retention
+``host`` have their new full blocks written back (and, once idle, their last partial block),
+so the host copy stays current and dropping the device copy later costs nothing; restored
+slots (``restores``) get their chunks back — loaded layer by layer by the step itself with
+``layerwise_loading``, else copied to the device now and scattered into the pool once there.
+Every copy is dispatched at once and never waited for; ``poll``, at the start of each step,
+turns the completed ones into the scheduler's ``tiers`` transitions. A step therefore waits only
+for the chunks it loads itself.
+
+Host entries are keyed by slot (a session keeps its slot between turns). Entries evicted for
+room, copies that find no room and entries of slots handed to another sequence are reported
+to the scheduler as ``lost``: those sequences recompute, and ``stats`` counts them. With a disk
+tier, a session's entry evicted from the host is saved to disk first (keyed by session) and
+comes back to the host when the session's next request is admitted (``admitted``); a disk
+entry that cannot be read is dropped and the session recomputes. Disk reads and writes run on
+the engine's thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from symphony_jax.config import EngineConfig
+from symphony_jax.engine.device_step import DeviceState, Restores
+from symphony_jax.memory import transfer
+from symphony_jax.memory.disk_tier import DiskTier, DiskTierError
+from symphony_jax.memory.host_tier import HostTier, HostTierFull
+from symphony_jax.scheduler import batch, tiers
+from symphony_jax.scheduler import state as S
+from symphony_jax.scheduler.policy import Policy
+
+
+@dataclasses.dataclass
+class HostStats:
+    swapped_out: int = 0  # sequences preempted by swap whose K,V was copied out
+    written_back: int = 0  # write-back copies (retention ``host``)
+    restored: int = 0  # sequences whose K,V came back from the host tier
+    lost: int = 0  # host copies lost (evicted, no room, unreadable): those sequences recompute
+    to_disk: int = 0  # sessions' entries saved to the disk tier
+    from_disk: int = 0  # and read back
+    blocks_out: int = 0  # blocks copied device -> host
+    blocks_in: int = 0  # blocks copied host -> device
+
+
+@dataclasses.dataclass
+class _Copy:
+    slot: int
+    generation: int  # the slot's host entry generation when issued (stale if it changed)
+    tokens: int  # tokens the host tier holds once it completes
+    transfer: transfer.Transfer
+
+
+class HostKV:
+    def __init__(self, config: EngineConfig, policy: Policy, device, sessions: np.ndarray,
+                 disk: DiskTier | None = None):
+        """``sessions``: each slot's session (``state.NO_SESSION``: none), kept current by the
+        engine."""
+        model, cache = config.model, config.cache
+        block_bytes = (2 * model.num_layers * model.num_kv_heads * cache.block_size
+                       * model.head_dim * np.dtype(model.dtype).itemsize)
+        self.tier = HostTier(cache.num_host_blocks, block_bytes)
+        self.config, self.policy, self.device = config, policy, device
+        self.sessions, self.disk = sessions, disk
+        self.block_size = cache.block_size
+        self.largest = 1 << (config.max_blocks_per_seq.bit_length() - 1)  # longest chunk
+        R = config.scheduler.slots
+        self.generation = np.zeros(R, np.int64)
+        self.stored_tokens = np.zeros(R, np.int64)  # what the scheduler was told is stored
+        self.offloading: list[_Copy] = []  # device -> host, in flight
+        self.loading: dict[int, _Copy] = {}  # host -> device, in flight (load-then-compute)
+        self._stored: list[tuple[int, int]] = []
+        self._lost: list[int] = []
+        self.stats = HostStats()
+
+    # ------------------------------------------------------------ slots changing hands
+
+    def forget(self, slot: int) -> None:
+        """``slot``'s sequence is gone (aborted, or the slot given to another sequence)."""
+        self.tier.drop(slot)
+        self.loading.pop(slot, None)
+        self.generation[slot] += 1
+        self.stored_tokens[slot] = 0
+
+    def admitted(self, device: DeviceState, slots: list[int]) -> DeviceState:
+        """Bring back from disk the entries of the sessions admitted into ``slots`` and tell
+        the scheduler they are stored."""
+        promoted = []
+        for slot in slots:
+            session = int(self.sessions[slot])
+            if self.disk is None or session == S.NO_SESSION or session not in self.disk:
+                continue
+            try:
+                entry = self.disk.load(session, self.device)
+            except DiskTierError:
+                self.stats.lost += 1
+                continue
+            finally:
+                self.disk.drop(session)
+            if self._store(slot, entry.chunks, entry.tokens, set(slots)):
+                promoted.append((slot, entry.tokens))
+                self.stored_tokens[slot] = entry.tokens
+                self.stats.from_disk += 1
+        if not promoted:
+            return device
+        slots, tokens = zip(*promoted)
+        return dataclasses.replace(device, scheduler=tiers.stored(
+            device.scheduler, *self._padded(slots, tokens)))
+
+    # ------------------------------------------------------------ each step
+
+    def poll(self, device: DeviceState) -> DeviceState:
+        """Apply what completed: stored copies, loads now on the device (scattered into the
+        pool), and losses."""
+        done = [c for c in self.offloading if c.transfer.is_ready()]
+        self.offloading = [c for c in self.offloading if not c.transfer.is_ready()]
+        for c in done:
+            if c.generation == self.generation[c.slot]:
+                self._stored.append((c.slot, c.tokens))
+                self.stored_tokens[c.slot] = c.tokens
+        pool, table = device.pool, device.scheduler.blocks.block_ids
+        loaded = [s for s, c in self.loading.items() if c.transfer.is_ready()]
+        for slot in loaded:
+            for chunk in self.loading.pop(slot).transfer.chunks:
+                pool = transfer.scatter(pool, chunk.k, chunk.v, table, jnp.int32(slot),
+                                        jnp.int32(chunk.first_block),
+                                        layer_groups=self.config.layer_groups)
+        scheduler = device.scheduler
+        if self._stored:
+            slots, tokens = zip(*self._stored)
+            scheduler = tiers.stored(scheduler, *self._padded(slots, tokens))
+        if loaded:
+            scheduler = tiers.loaded(scheduler, self._padded(loaded)[0])
+        if self._lost:
+            scheduler = tiers.lost(scheduler, self._padded(self._lost)[0])
+        self._stored, self._lost = [], []
+        return dataclasses.replace(device, scheduler=scheduler, pool=pool)
+
+    def dispatch(self, device: DeviceState, block_ids_before, tokens_before: np.ndarray,
+                 offloads: np.ndarray, restores: np.ndarray, sessions: np.ndarray,
+                 idle: np.ndarray) -> Restores | None:
+        """Start the copies a schedule asks for (see the module doc). ``tokens_before``,
+        ``block_ids_before``: each slot's cached tokens and block ids before it; ``sessions``:
+        slots holding a session's sequence (written back under retention ``host``);
+        ``idle``: of which those with no request running. Returns the chunks the next step
+        loads layer by layer, if any."""
+        restoring = [int(s) for s in np.flatnonzero(restores)]
+        loads = self._restore(device, restoring)
+        protect = set(restoring) | set(self.loading)
+        for slot in np.flatnonzero(offloads):
+            self.stats.swapped_out += self._write(device, block_ids_before, int(slot),
+                                                  int(tokens_before[slot]), True, protect)
+        if self.policy.retention == "host":
+            for slot in np.flatnonzero(sessions & ~offloads.astype(bool)):
+                whole = bool(idle[slot])  # an idle sequence's last partial block too
+                self.stats.written_back += self._write(device, block_ids_before, int(slot),
+                                                       int(tokens_before[slot]), whole, protect)
+        return loads
+
+    # ------------------------------------------------------------ internals
+
+    def _padded(self, slots, values=None) -> tuple[jnp.ndarray, ...]:
+        R = self.config.scheduler.slots
+        size = batch.bucket(len(slots), R)
+        padded = np.full(size, R, np.int32)
+        padded[: len(slots)] = slots
+        if values is None:
+            return (jnp.asarray(padded),)
+        vals = np.zeros(size, np.int32)
+        vals[: len(values)] = values
+        return jnp.asarray(padded), jnp.asarray(vals)
+
+    def _restore(self, device: DeviceState, slots: list[int]) -> Restores | None:
+        chunks, owners = [], []
+        for slot in slots:
+            entry = self.tier.get(slot)  # restorable: stored, and protected since
+            need = -(-int(self.stored_tokens[slot]) // self.block_size)
+            mine = [c for c in entry.chunks if c.first_block < need]
+            self.tier.touch(slot)
+            self.stats.restored += 1
+            self.stats.blocks_in += sum(c.num_blocks for c in mine)
+            if self.policy.layerwise_loading:
+                chunks += mine
+                owners += [slot] * len(mine)
+            else:
+                self.loading[slot] = _Copy(slot, int(self.generation[slot]), 0,
+                                           transfer.to_device(tuple(mine), self.device))
+        if not chunks:
+            return None
+        return Restores(tuple(c.k for c in chunks), tuple(c.v for c in chunks),
+                        jnp.asarray(owners, jnp.int32),
+                        jnp.asarray([c.first_block for c in chunks], jnp.int32))
+
+    def _write(self, device: DeviceState, block_ids, slot: int, tokens: int, whole: bool,
+               protect: set) -> int:
+        """Copy ``slot``'s blocks not yet on the host (full ones; with ``whole`` its last
+        partial one too); returns 1 if a copy was issued."""
+        written = self.tier.written_blocks(slot, self.block_size)
+        full = tokens // self.block_size
+        partial = whole and tokens % self.block_size > 0
+        in_flight = any(c.slot == slot for c in self.offloading)
+        if tokens <= self.tier.tokens(slot) or (full <= written and not partial) or in_flight:
+            return 0
+        runs = transfer.split(written, full - written, self.largest)
+        if partial:
+            runs.append((full, 1))
+        chunks = tuple(chunk for first, n in runs for chunk in transfer.offload(
+            device.pool, block_ids, slot, first, n, layer_groups=self.config.layer_groups,
+            largest=self.largest).chunks)
+        covered = tokens if partial else full * self.block_size
+        if not self._store(slot, chunks, covered, protect):
+            return 0
+        self.offloading.append(_Copy(slot, int(self.generation[slot]), covered,
+                                     transfer.Transfer(chunks)))
+        self.stats.blocks_out += sum(c.num_blocks for c in chunks)
+        return 1
+
+    def _store(self, slot: int, chunks, tokens: int, protect: set) -> bool:
+        """Put ``chunks`` in the host tier, evicting (to disk, if there is one) for room;
+        ``slot``'s host copy is lost if they cannot fit."""
+        try:
+            evicted = self.tier.extend(slot, chunks, tokens, protect=protect)
+        except HostTierFull:
+            self._lose(slot)
+            return False
+        for key, entry in evicted:
+            session = int(self.sessions[key])
+            if self.disk is not None and session != S.NO_SESSION:
+                jax.block_until_ready([(c.k, c.v) for c in entry.chunks])
+                self.disk.save(session, entry)
+                self.stats.to_disk += 1
+            self._lose(key)
+        return True
+
+    def _lose(self, slot: int) -> None:
+        self.forget(slot)
+        self._lost.append(slot)
+        self.stats.lost += 1

@@ -1,0 +1,140 @@
+"""Copying K,V blocks between a device's pool and its host memory, asynchronously.
+
+A *chunk* is a run of consecutive table columns of one sequence slot, copied out of the pool:
+``k, v: [L, KVH, n, BS, D]``. The layer axis leads, so a chunk can be loaded layer by layer (a
+scan over axis 0, ``llama.forward``'s ``loads``), and ``n`` is a power of two so that the copies
+compile for few shapes (``split`` cuts a run of blocks into such pieces, so nothing is padded).
+
+- ``offload`` gathers the blocks in one jitted function whose output lives in the device's
+  ``pinned_host`` memory (no donation: the pool stays live) and returns at once; the chunk's
+  arrays are ready when the copy is complete (``Transfer.is_ready``).
+- ``to_device`` ``device_put``s a chunk back to device memory, also at once; ``scatter`` then
+  writes it into the donated pool at the slot's blocks.
+
+Ordering: a device runs what is dispatched to it in order, and a donated pool is reused only
+after the work reading it is done, so an offload dispatched before the step that overwrites its
+blocks reads them first. The scheduler hands the blocks of an offloaded slot to others in the
+step that offloads it; the executor dispatches the offload before that step.
+
+Every call must come from the thread that owns the pool (the engine's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from symphony_jax.memory.kv_cache import KVPool
+
+i32 = jnp.int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Blocks ``[first_block, first_block + num_blocks)`` of a sequence, in some memory."""
+
+    first_block: int
+    k: jax.Array  # [L, KVH, n, BS, D]
+    v: jax.Array  # [L, KVH, n, BS, D]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def is_ready(self) -> bool:
+        return self.k.is_ready() and self.v.is_ready()
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """Chunks on their way to a memory; complete once every array is ready."""
+
+    chunks: tuple[Chunk, ...]
+
+    def is_ready(self) -> bool:
+        return all(c.is_ready() for c in self.chunks)
+
+    def wait(self) -> tuple[Chunk, ...]:
+        jax.block_until_ready([(c.k, c.v) for c in self.chunks])
+        return self.chunks
+
+
+def split(first_block: int, num_blocks: int, largest: int) -> list[tuple[int, int]]:
+    """``[first_block, first_block + num_blocks)`` as runs ``(first, n)`` of power-of-two
+    lengths at most ``largest`` (itself a power of two), longest first."""
+    if largest < 1 or largest & (largest - 1):
+        raise ValueError(f"split: largest={largest} must be a power of two")
+    runs = []
+    while num_blocks > 0:
+        n = min(1 << (num_blocks.bit_length() - 1), largest)
+        runs.append((first_block, n))
+        first_block, num_blocks = first_block + n, num_blocks - n
+    return runs
+
+
+def host_sharding(device) -> SingleDeviceSharding:
+    return SingleDeviceSharding(device, memory_kind="pinned_host")
+
+
+def device_sharding(device) -> SingleDeviceSharding:
+    return SingleDeviceSharding(device, memory_kind="device")
+
+
+def layer_block_ids(block_ids: jax.Array, slot, first_block, num_blocks: int,
+                    layer_groups: tuple[int, ...]) -> jax.Array:
+    """i32[L, n]: the slot's blocks ``first_block...`` in each layer's group table."""
+    rows = block_ids[jnp.asarray(np.asarray(layer_groups, np.int32)), slot]  # [L, MB]
+    return jax.lax.dynamic_slice_in_dim(rows, first_block, num_blocks, axis=1)
+
+
+@functools.cache
+def _gather_to(sharding: SingleDeviceSharding):
+    def gather(pool: KVPool, block_ids, slot, first_block, *, num_blocks, layer_groups):
+        ids = layer_block_ids(block_ids, slot, first_block, num_blocks, layer_groups)
+        take = jax.vmap(lambda pages, ids: pages[:, ids])  # over layers
+        return take(pool.k, ids), take(pool.v, ids)
+
+    return jax.jit(gather, static_argnames=("num_blocks", "layer_groups"),
+                   out_shardings=(sharding, sharding))
+
+
+def offload(pool: KVPool, block_ids: jax.Array, slot: int, first_block: int, num_blocks: int,
+            *, layer_groups: tuple[int, ...], largest: int) -> Transfer:
+    """Copy ``num_blocks`` blocks of ``slot`` from column ``first_block`` on (block ids from
+    ``block_ids: i32[G, S, MB]``, a block table's) to the pool device's pinned host memory."""
+    if first_block < 0 or first_block + num_blocks > block_ids.shape[-1]:
+        raise ValueError(f"offload: blocks [{first_block}, {first_block + num_blocks}) are "
+                         f"outside a table row of {block_ids.shape[-1]} columns")
+    gather = _gather_to(host_sharding(next(iter(pool.k.devices()))))
+    chunks = []
+    for first, n in split(first_block, num_blocks, largest):
+        k, v = gather(pool, block_ids, jnp.int32(slot), jnp.int32(first), num_blocks=n,
+                      layer_groups=layer_groups)
+        chunks.append(Chunk(first, k, v))
+    return Transfer(tuple(chunks))
+
+
+def to_device(chunks: tuple[Chunk, ...], device) -> Transfer:
+    """Start copying host ``chunks`` to ``device``'s memory."""
+    sharding = device_sharding(device)
+    return Transfer(tuple(Chunk(c.first_block, *jax.device_put((c.k, c.v), sharding))
+                          for c in chunks))
+
+
+@functools.partial(jax.jit, donate_argnames="pool", static_argnames="layer_groups")
+def scatter(pool: KVPool, k: jax.Array, v: jax.Array, block_ids: jax.Array, slot, first_block,
+            *, layer_groups: tuple[int, ...]) -> KVPool:
+    """Write a device chunk ``k, v: [L, KVH, n, BS, D]`` into ``slot``'s blocks from column
+    ``first_block`` on (``block_ids``: the table's, after the blocks were reserved)."""
+    ids = layer_block_ids(block_ids, slot, first_block, k.shape[2], layer_groups)
+    put = jax.vmap(lambda pages, ids, new: pages.at[:, ids].set(new))  # over layers
+    return KVPool(put(pool.k, ids, k), put(pool.v, ids, v))

@@ -233,11 +233,9 @@ class Engine:
         slots = [self.requests[i].slot for i in self.aborting]
         if not slots:
             return
-        size = batch.bucket(len(slots), self.config.scheduler.slots)
-        padded = np.full(size, self.config.scheduler.slots, np.int32)
-        padded[: len(slots)] = slots
+        R = self.config.scheduler.slots
         self.device = dataclasses.replace(self.device, scheduler=admission.abort(
-            self.device.scheduler, jnp.asarray(padded)))
+            self.device.scheduler, jnp.asarray(batch.padded(slots, R, R))))
         for slot in slots:
             self.slot_session[slot] = S.NO_SESSION
             if self.host is not None:

@@ -118,8 +118,9 @@ class HostKV:
     def poll(self, device: DeviceState) -> DeviceState:
         """Apply what completed: stored copies, loads now on the device (scattered into the
         pool), and losses."""
-        done = [c for c in self.offloading if c.transfer.is_ready()]
-        self.offloading = [c for c in self.offloading if not c.transfer.is_ready()]
+        ready = [c.transfer.is_ready() for c in self.offloading]
+        done = [c for c, r in zip(self.offloading, ready) if r]
+        self.offloading = [c for c, r in zip(self.offloading, ready) if not r]
         for c in done:
             if c.generation == self.generation[c.slot]:
                 self._stored.append((c.slot, c.tokens))
@@ -167,14 +168,9 @@ class HostKV:
 
     def _padded(self, slots, values=None) -> tuple[jnp.ndarray, ...]:
         R = self.config.scheduler.slots
-        size = batch.bucket(len(slots), R)
-        padded = np.full(size, R, np.int32)
-        padded[: len(slots)] = slots
         if values is None:
-            return (jnp.asarray(padded),)
-        vals = np.zeros(size, np.int32)
-        vals[: len(values)] = values
-        return jnp.asarray(padded), jnp.asarray(vals)
+            return (jnp.asarray(batch.padded(slots, R, R)),)
+        return jnp.asarray(batch.padded(slots, R, R)), jnp.asarray(batch.padded(values, R, 0))
 
     def _restore(self, device: DeviceState, slots: list[int]) -> Restores | None:
         chunks, owners = [], []
@@ -204,8 +200,9 @@ class HostKV:
         written = self.tier.written_blocks(slot, self.block_size)
         full = tokens // self.block_size
         partial = whole and tokens % self.block_size > 0
-        in_flight = any(c.slot == slot for c in self.offloading)
-        if tokens <= self.tier.tokens(slot) or (full <= written and not partial) or in_flight:
+        if tokens <= self.tier.tokens(slot) or (full <= written and not partial):
+            return 0
+        if any(c.slot == slot for c in self.offloading):  # one copy of a slot at a time
             return 0
         runs = transfer.split(written, full - written, self.largest)
         if partial:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 
 from symphony_jax.config import SchedulerConfig
 from symphony_jax.memory import block_table as bt
@@ -22,6 +23,14 @@ SMALLEST_TOKEN_BUCKET = 16  # prefill steps below this many tokens share one sha
 def bucket(count: int, limit: int, smallest: int = 1) -> int:
     """The smallest power of two >= ``count`` and ``smallest``, at most ``limit``."""
     return min(1 << (max(count, smallest, 1) - 1).bit_length(), limit)
+
+
+def padded(values, limit: int, fill: int) -> np.ndarray:
+    """``values`` as ``i32`` padded with ``fill`` to their ``bucket`` (at most ``limit``): a
+    batch of slots for a jitted transition, compiled for few sizes."""
+    out = np.full(bucket(len(values), limit), fill, np.int32)
+    out[: len(values)] = values
+    return out
 
 
 def shape(num_seqs: int, num_tokens: int, decode_only: bool,

@@ -1,8 +1,12 @@
 import importlib.util
+import os
 
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+# Several fake CPU devices, for clusters of nodes (set before JAX initialises its backends).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Compilation makes first calls slow; examples are bounded by counts, not by a deadline.
 settings.register_profile("default", deadline=None,

@@ -54,6 +54,7 @@ class StepOutputs:
 
 
 SLOT, TOKEN, SAMPLED, FINISHED = range(4)  # rows of StepOutputs.sequences
+NUM_COUNTS = 4  # counts ``schedule`` returns before its per-slot rows
 REQUEST, CACHED, COMPUTED, RECOMPUTED = range(4)  # rows of StepOutputs.counters
 
 
@@ -96,13 +97,15 @@ def admit(device: DeviceState, new: S.NewRequests, prompts: jax.Array, rows: Sam
 @functools.partial(jax.jit, donate_argnames="scheduler", static_argnames=("limits", "policy"))
 def schedule(scheduler: S.SchedulerState, now, *, limits, policy: Policy):
     """``scheduler.step.schedule``, with what the host reads packed for one read: ``counts``
-    = (sequences, tokens, decode only), and when K,V moves to and from a host tier
-    (``policy.uses_host``) each slot's cached tokens before the step, ``plan.offloads`` and
-    ``plan.restores`` (``i32[3 + 3R]``). Then also returns the block ids before the step
-    (``i32[G, R, MB]``): an offloaded slot's blocks are read from them."""
+    = (sequences, tokens, decode only, free blocks after the step's reservations), and when K,V
+    moves to and from a host tier (``policy.uses_host``) each slot's cached tokens before the
+    step, ``plan.offloads`` and ``plan.restores`` (``i32[NUM_COUNTS + 3R]``). Then also returns
+    the block ids before the step (``i32[G, R, MB]``): an offloaded slot's blocks are read from
+    them."""
     tokens, block_ids = scheduler.cached_tokens, scheduler.blocks.block_ids
     scheduler, plan = scheduler_step.schedule(scheduler, now, limits=limits, policy=policy)
-    counts = jnp.stack([plan.num_seqs, plan.num_tokens, plan.decode_only.astype(i32)])
+    counts = jnp.stack([plan.num_seqs, plan.num_tokens, plan.decode_only.astype(i32),
+                        scheduler.blocks.free_top.min()])
     if not policy.uses_host:
         return scheduler, plan, counts, None
     counts = jnp.concatenate([counts, tokens, plan.offloads.astype(i32),

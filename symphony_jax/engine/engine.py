@@ -6,6 +6,10 @@ back the plan's size to pick a shape bucket, dispatches the fused step (model, s
 and, while the device runs it, turns the previous step's sampled tokens into outputs — so the
 tokens of a step are returned by the next call. A request of a session continues the session:
 its prompt is the session's tokens so far followed by the new ones.
+
+Sessions' K,V can move between engines (nodes of a cluster): ``export_session`` copies an idle
+session's K,V to another device's host memory, ``import_session`` takes it in (host tier, then
+free blocks), ``drop_session`` lets an idle session go.
 """
 
 from __future__ import annotations
@@ -22,14 +26,14 @@ import numpy as np
 from symphony_jax import metrics
 from symphony_jax.config import EngineConfig
 from symphony_jax.engine import device_step
-from symphony_jax.engine.device_step import (CACHED, COMPUTED, FINISHED, RECOMPUTED, REQUEST,
-                                              SAMPLED, SLOT, TOKEN)
+from symphony_jax.engine.device_step import (CACHED, COMPUTED, FINISHED, NUM_COUNTS, RECOMPUTED,
+                                              REQUEST, SAMPLED, SLOT, TOKEN)
 from symphony_jax.engine.host_kv import HostKV
 from symphony_jax.engine.sampling import SamplingParams, SamplingTable
-from symphony_jax.memory import kv_cache
+from symphony_jax.memory import kv_cache, transfer
 from symphony_jax.memory.disk_tier import DiskTier
 from symphony_jax.model.params import LlamaParams
-from symphony_jax.scheduler import admission, batch
+from symphony_jax.scheduler import admission, batch, tiers
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler.policy import Policy
 
@@ -77,7 +81,10 @@ class Engine:
     def __init__(self, config: EngineConfig, params: LlamaParams, *, policy: Policy = Policy(),
                  tokenizer=None, eos_token_ids: Sequence[int] = (), impl: str = "auto",
                  device=None, admit_batch: int = 8, max_stop_ids: int = 8,
-                 clock: Callable[[], float] = time.monotonic, disk_dir: str | None = None):
+                 clock: Callable[[], float] = time.monotonic, start: float | None = None,
+                 disk_dir: str | None = None):
+        """``clock`` (seconds) times requests from ``start`` (default: now); engines of a
+        cluster share both."""
         self.config, self.policy, self.tokenizer, self.impl = config, policy, tokenizer, impl
         self.eos_token_ids = tuple(eos_token_ids or getattr(tokenizer, "eos_token_ids", ()))
         self.admit_batch, self.max_stop_ids, self.clock = admit_batch, max_stop_ids, clock
@@ -99,7 +106,9 @@ class Engine:
             scheduler=S.init(config), pool=kv_cache.create(config.model, config.cache),
             tokens=jnp.zeros((slots, config.scheduler.max_model_len), jnp.int32),
             sampling=SamplingTable.create(slots, max_stop_ids)))
-        self.start = clock()
+        self.start = clock() if start is None else start
+        self.block_bytes = config.model.kv_bytes_per_token() * config.cache.block_size
+        self.free_blocks = config.cache.num_device_blocks - 1  # after the last step's schedule
         self.requests: dict[int, _Request] = {}
         self.sessions: dict[int, list[int]] = {}  # a session's tokens so far
         self.turns: dict[int, int] = {}  # requests seen per session
@@ -116,9 +125,12 @@ class Engine:
         return self.clock() - self.start
 
     def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
-                    *, session_id: int | None = None) -> int:
+                    *, session_id: int | None = None,
+                    history: Sequence[int] | None = None) -> int:
         """Queue a request; returns its id. ``prompt`` is text (needs a tokenizer) or token ids
-        — the new tokens only, when it continues a session."""
+        — the new tokens only, when it continues a session. ``history``: the session's tokens
+        so far when they come from elsewhere (a cluster moves sessions between engines);
+        default: what this engine has seen of the session."""
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling={sampling!r}: expected a SamplingParams")
@@ -136,7 +148,9 @@ class Engine:
             raise ValueError(f"add_request: session_id={session_id!r}, expected None or an "
                              "integer >= 0")
         session = S.NO_SESSION if session_id is None else int(session_id)
-        history = self.sessions.get(session, [])
+        history = self.sessions.get(session, []) if history is None else [int(t) for t in history]
+        if any(not 0 <= t < vocab for t in history):
+            raise ValueError(f"add_request: history must be token ids in [0, {vocab})")
         turn = self.turns.get(session, 0)
         self.turns[session] = turn + 1
         request = _Request(next(self.ids), history + new, max(len(history) - 1, 0), sampling,
@@ -166,16 +180,16 @@ class Engine:
         """Admit, schedule and dispatch one step; return the tokens of the previous one."""
         self._apply_aborts()
         if self.host is not None:
-            self.device = self.host.poll(self.device)
+            self.device = self.host.poll(self.device, self.free_blocks)
         self._admit()
         scheduler, plan, counts, block_ids = device_step.schedule(
             self.device.scheduler, self.now(), limits=self.config.scheduler, policy=self.policy)
         self.device = dataclasses.replace(self.device, scheduler=scheduler)
         counts = np.asarray(counts)
-        num_seqs, num_tokens, decode = counts[:3].tolist()
+        num_seqs, num_tokens, decode, self.free_blocks = counts[:NUM_COUNTS].tolist()
         restores = None
         if self.host is not None:
-            tokens, offloads, restoring = counts[3:].reshape(3, -1)
+            tokens, offloads, restoring = counts[NUM_COUNTS:].reshape(3, -1)
             restores = self.host.dispatch(self.device, block_ids, tokens, offloads, restoring,
                                           self.slot_session != S.NO_SESSION,
                                           self.slot_request < 0)
@@ -218,6 +232,95 @@ class Engine:
             prefill_tokens=[r.computed_tokens for r in rs],
             recomputed_tokens=[r.recomputed_tokens for r in rs])
 
+    @property
+    def device_kv_bytes(self) -> int:
+        """Bytes of K,V blocks in use on the device (as of the last step's schedule)."""
+        return (self.config.cache.num_device_blocks - 1 - self.free_blocks) * self.block_bytes
+
+    @property
+    def host_kv_bytes(self) -> int:
+        return self.host.tier.used_bytes if self.host is not None else 0
+
+    # ---------------------------------------------------------------- sessions' K,V
+
+    def _idle_slot(self, session_id: int) -> tuple[int | None, bool]:
+        """The slot holding ``session_id``'s sequence (None: none), and whether it is idle (no
+        request of the session running or waiting here)."""
+        r = self.device.scheduler.requests
+        status, sessions = jax.device_get((r.status, r.session_id))
+        held = np.flatnonzero((sessions == session_id) & (status != S.EMPTY))
+        if not len(held):
+            return None, True
+        slot = int(held[0])
+        return slot, bool(status[slot] in (S.FINISHED, S.PREFETCHING)
+                          and self.slot_request[slot] < 0)
+
+    def export_session(self, session_id: int, device) -> tuple[tuple[transfer.Chunk, ...], int] | None:
+        """Start copying idle ``session_id``'s K,V to ``device``'s host memory; returns the
+        chunks (in flight) and the tokens they cover, or None if this engine holds none of it
+        (or the session is not idle)."""
+        slot, idle = self._idle_slot(session_id)
+        if self.host is None or slot is None or not idle or slot in self.host.prefetching:
+            return None
+        cached = int(jax.device_get(self.device.scheduler.cached_tokens[slot]))
+        tokens = max(cached, self.host.tier.tokens(slot))
+        if tokens == 0:
+            return None
+        return self.host.export(self.device, slot, tokens, transfer.host_sharding(device)), tokens
+
+    def import_session(self, session_id: int, chunks: tuple[transfer.Chunk, ...],
+                       tokens: int) -> bool:
+        """Take ``session_id``'s K,V (``chunks`` in this device's host memory, possibly still
+        in flight, covering ``tokens`` tokens) into an empty slot: host tier first, then free
+        blocks. Its next request here waits until they are in (``HostKV.busy``). False when it
+        cannot: the session is active here, no slot is empty, or the host tier has no room."""
+        if self.host is None:
+            raise ValueError("import_session: needs a host tier (a policy with uses_host)")
+        slot, idle = self._idle_slot(session_id)
+        if not idle:
+            return False
+        if slot is not None:
+            self.drop_session(session_id)  # an older copy of the session
+        status = np.asarray(jax.device_get(self.device.scheduler.requests.status))
+        empty = np.flatnonzero((status == S.EMPTY) & (self.slot_request < 0))
+        if not len(empty):
+            return False
+        slot, R = int(empty[0]), self.config.scheduler.slots
+        self.device = dataclasses.replace(self.device, scheduler=tiers.adopt(
+            self.device.scheduler, jnp.asarray(batch.padded([slot], R, R)),
+            jnp.asarray(batch.padded([session_id], R, S.NO_SESSION)), self.now()))
+        self.host.forget(slot)
+        self.slot_session[slot] = session_id
+        return self.host.migrate_in(slot, chunks, tokens)
+
+    def drop_session(self, session_id: int) -> bool:
+        """Free idle ``session_id``'s K,V here (device and host tier); False if the session has
+        a request here."""
+        slot, idle = self._idle_slot(session_id)
+        if slot is None or not idle:
+            return slot is None
+        R = self.config.scheduler.slots
+        self.device = dataclasses.replace(self.device, scheduler=admission.abort(
+            self.device.scheduler, jnp.asarray(batch.padded([slot], R, R))))
+        self.slot_session[slot] = S.NO_SESSION
+        if self.host is not None:
+            self.host.forget(slot)
+        return True
+
+    def settle_imports(self) -> None:
+        """Wait until K,V migrated in is on the device, or in the host tier where no blocks
+        were free (migrations that take no time: the oracle)."""
+        if self.host is None:
+            return
+        while True:
+            self.device = self.host.poll(self.device, self.free_blocks)
+            copies = [c for c in self.host.offloading if c.migrated] + [
+                self.host.loading[s] for s in self.host.prefetching]
+            if not copies:
+                return
+            for copy in copies:
+                copy.transfer.wait()
+
     # ---------------------------------------------------------------- internals
 
     def _finish(self, request: _Request, reason: str) -> None:
@@ -244,8 +347,18 @@ class Engine:
             self._finish(self.requests[request_id], "abort")
         self.aborting = []
 
+    def _held(self, request: _Request) -> bool:
+        """Whether K,V migrated for the request's session is still on its way in."""
+        if self.host is None or request.session_id == S.NO_SESSION:
+            return False
+        return any(self.host.busy(int(slot))
+                   for slot in np.flatnonzero(self.slot_session == request.session_id))
+
     def _admit(self) -> None:
-        batch, self.pending = self.pending[: self.admit_batch], self.pending[self.admit_batch:]
+        batch, held = [], []
+        for r in self.pending:
+            (held if len(batch) == self.admit_batch or self._held(r) else batch).append(r)
+        self.pending = held
         if not batch:
             return
         n, width = self.admit_batch, self.config.scheduler.max_model_len

@@ -17,6 +17,13 @@ tier, a session's entry evicted from the host is saved to disk first (keyed by s
 comes back to the host when the session's next request is admitted (``admitted``); a disk
 entry that cannot be read is dropped and the session recomputes. Disk reads and writes run on
 the engine's thread.
+
+Migration between nodes (SYMPHONY's node manager): ``export`` copies an idle session's K,V to
+another node's host memory (from this host tier when it holds it, else gathered from the pool);
+the receiving node's ``migrate_in`` stores it in its host tier for a slot adopted for the
+session, and once stored it is prefetched into free blocks (never evicting anything), so the
+session's next request finds it on the device. Until then ``busy`` tells the engine to hold that
+request back.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ class HostStats:
     lost: int = 0  # host copies lost (evicted, no room, unreadable): those sequences recompute
     to_disk: int = 0  # sessions' entries saved to the disk tier
     from_disk: int = 0  # and read back
+    migrated_out: int = 0  # idle sessions' K,V copied to another node
+    migrated_in: int = 0  # and received from one
+    prefetched: int = 0  # idle sessions' K,V copied from the host tier into free blocks
     blocks_out: int = 0  # blocks copied device -> host
     blocks_in: int = 0  # blocks copied host -> device
 
@@ -55,6 +65,7 @@ class _Copy:
     generation: int  # the slot's host entry generation when issued (stale if it changed)
     tokens: int  # tokens the host tier holds once it completes
     transfer: transfer.Transfer
+    migrated: bool = False  # from another node: prefetched into free blocks once stored
 
 
 class HostKV:
@@ -75,6 +86,8 @@ class HostKV:
         self.stored_tokens = np.zeros(R, np.int64)  # what the scheduler was told is stored
         self.offloading: list[_Copy] = []  # device -> host, in flight
         self.loading: dict[int, _Copy] = {}  # host -> device, in flight (load-then-compute)
+        self.to_prefetch: set[int] = set()  # idle slots migrated in, waiting for free blocks
+        self.prefetching: set[int] = set()  # of the slots loading, idle ones (``PREFETCHING``)
         self._stored: list[tuple[int, int]] = []
         self._lost: list[int] = []
         self.stats = HostStats()
@@ -85,12 +98,15 @@ class HostKV:
         """``slot``'s sequence is gone (aborted, or the slot given to another sequence)."""
         self.tier.drop(slot)
         self.loading.pop(slot, None)
+        self.to_prefetch.discard(slot)
+        self.prefetching.discard(slot)
         self.generation[slot] += 1
         self.stored_tokens[slot] = 0
 
     def admitted(self, device: DeviceState, slots: list[int]) -> DeviceState:
         """Bring back from disk the entries of the sessions admitted into ``slots`` and tell
         the scheduler they are stored."""
+        self.to_prefetch.difference_update(slots)  # their requests restore what they need
         promoted = []
         for slot in slots:
             session = int(self.sessions[slot])
@@ -115,9 +131,15 @@ class HostKV:
 
     # ------------------------------------------------------------ each step
 
-    def poll(self, device: DeviceState) -> DeviceState:
+    def busy(self, slot: int) -> bool:
+        """Whether K,V migrated to ``slot`` is still on its way to the host tier or into its
+        blocks (its session's next request waits for it)."""
+        return slot in self.prefetching or any(c.slot == slot and c.migrated
+                                               for c in self.offloading)
+
+    def poll(self, device: DeviceState, free_blocks: int) -> DeviceState:
         """Apply what completed: stored copies, loads now on the device (scattered into the
-        pool), and losses."""
+        pool), and losses; then prefetch migrated sessions into ``free_blocks`` blocks."""
         ready = [c.transfer.is_ready() for c in self.offloading]
         done = [c for c, r in zip(self.offloading, ready) if r]
         self.offloading = [c for c, r in zip(self.offloading, ready) if not r]
@@ -125,9 +147,12 @@ class HostKV:
             if c.generation == self.generation[c.slot]:
                 self._stored.append((c.slot, c.tokens))
                 self.stored_tokens[c.slot] = c.tokens
+                if c.migrated:
+                    self.to_prefetch.add(c.slot)
         pool, table = device.pool, device.scheduler.blocks.block_ids
         loaded = [s for s, c in self.loading.items() if c.transfer.is_ready()]
         for slot in loaded:
+            self.prefetching.discard(slot)
             for chunk in self.loading.pop(slot).transfer.chunks:
                 pool = transfer.scatter(pool, chunk.k, chunk.v, table, jnp.int32(slot),
                                         jnp.int32(chunk.first_block),
@@ -141,6 +166,7 @@ class HostKV:
         if self._lost:
             scheduler = tiers.lost(scheduler, self._padded(self._lost)[0])
         self._stored, self._lost = [], []
+        scheduler = self._prefetch(scheduler, free_blocks)
         return dataclasses.replace(device, scheduler=scheduler, pool=pool)
 
     def dispatch(self, device: DeviceState, block_ids_before, tokens_before: np.ndarray,
@@ -172,26 +198,81 @@ class HostKV:
             return (jnp.asarray(batch.padded(slots, R, R)),)
         return jnp.asarray(batch.padded(slots, R, R)), jnp.asarray(batch.padded(values, R, 0))
 
+    def _stored_chunks(self, slot: int) -> tuple[transfer.Chunk, ...]:
+        """The host chunks holding ``slot``'s stored tokens (it is stored, and protected)."""
+        entry = self.tier.get(slot)
+        need = -(-int(self.stored_tokens[slot]) // self.block_size)
+        mine = tuple(c for c in entry.chunks if c.first_block < need)
+        self.tier.touch(slot)
+        self.stats.blocks_in += sum(c.num_blocks for c in mine)
+        return mine
+
+    def _load(self, slot: int, chunks: tuple[transfer.Chunk, ...]) -> None:
+        self.loading[slot] = _Copy(slot, int(self.generation[slot]), 0,
+                                   transfer.to_device(chunks, self.device))
+
     def _restore(self, device: DeviceState, slots: list[int]) -> Restores | None:
         chunks, owners = [], []
         for slot in slots:
-            entry = self.tier.get(slot)  # restorable: stored, and protected since
-            need = -(-int(self.stored_tokens[slot]) // self.block_size)
-            mine = [c for c in entry.chunks if c.first_block < need]
-            self.tier.touch(slot)
+            mine = self._stored_chunks(slot)
             self.stats.restored += 1
-            self.stats.blocks_in += sum(c.num_blocks for c in mine)
             if self.policy.layerwise_loading:
                 chunks += mine
                 owners += [slot] * len(mine)
             else:
-                self.loading[slot] = _Copy(slot, int(self.generation[slot]), 0,
-                                           transfer.to_device(tuple(mine), self.device))
+                self._load(slot, mine)
         if not chunks:
             return None
         return Restores(tuple(c.k for c in chunks), tuple(c.v for c in chunks),
                         jnp.asarray(owners, jnp.int32),
                         jnp.asarray([c.first_block for c in chunks], jnp.int32))
+
+    def _prefetch(self, scheduler, free_blocks: int):
+        """Give free blocks to migrated sessions, in slot order while they fit, and start
+        copying their K,V in."""
+        need = lambda slot: -(-int(self.stored_tokens[slot]) // self.block_size)
+        slots = [s for s in sorted(self.to_prefetch) if need(s) <= free_blocks]
+        if not slots:
+            return scheduler
+        scheduler, granted = tiers.prefetch(scheduler, self._padded(slots)[0])
+        for slot, ok in zip(slots, np.asarray(granted)):
+            if ok:
+                self.to_prefetch.discard(slot)
+                self.prefetching.add(slot)
+                self.stats.prefetched += 1
+                self._load(slot, self._stored_chunks(slot))
+        return scheduler
+
+    # ------------------------------------------------------------ migration
+
+    def export(self, device: DeviceState, slot: int, tokens: int,
+               sharding) -> tuple[transfer.Chunk, ...]:
+        """Start copying the K,V of ``slot``'s first ``tokens`` tokens (an idle session's) to
+        ``sharding`` (another node's host memory): from the host tier when it holds them, else
+        gathered from the pool (dispatched before any step that could reuse its blocks)."""
+        entry, blocks = self.tier.get(slot), -(-tokens // self.block_size)
+        if entry is not None and entry.tokens >= tokens:
+            chunks = tuple(c for c in entry.chunks if c.first_block < blocks)
+        else:  # full blocks, then the partial one apart (the receiver's write-back replaces it)
+            full = tokens // self.block_size
+            runs = [(0, full), (full, blocks - full)]
+            chunks = tuple(c for first, n in runs if n for c in transfer.offload(
+                device.pool, device.scheduler.blocks.block_ids, slot, first, n,
+                layer_groups=self.config.layer_groups, largest=self.largest).chunks)
+        self.stats.migrated_out += 1
+        return tuple(transfer.Chunk(c.first_block, *jax.device_put((c.k, c.v), sharding))
+                     for c in chunks)
+
+    def migrate_in(self, slot: int, chunks: tuple[transfer.Chunk, ...], tokens: int) -> bool:
+        """Store a session's K,V migrated to this node's host memory (``chunks``, possibly
+        still in flight) for ``slot``, adopted for it; False (the slot's copy lost) if it does
+        not fit."""
+        if not self._store(slot, chunks, tokens, set(self.loading)):
+            return False
+        self.offloading.append(_Copy(slot, int(self.generation[slot]), tokens,
+                                     transfer.Transfer(chunks), migrated=True))
+        self.stats.migrated_in += 1
+        return True
 
     def _write(self, device: DeviceState, block_ids, slot: int, tokens: int, whole: bool,
                protect: set) -> int:

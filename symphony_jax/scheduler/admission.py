@@ -22,7 +22,9 @@ from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler.policy import Policy
 
 i32 = jnp.int32
-ACTIVE = (S.WAITING, S.RUNNING, S.PREEMPTED, S.LOADING, S.OFFLOADED)
+# A prefetching session counts as active: its request waits (the engine holds it back) until the
+# copy into its blocks is complete.
+ACTIVE = (S.WAITING, S.RUNNING, S.PREEMPTED, S.LOADING, S.OFFLOADED, S.PREFETCHING)
 IDLE = (S.FINISHED,)
 
 

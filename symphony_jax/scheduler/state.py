@@ -14,7 +14,9 @@ Prefill and decode are the same rule, and recompute-preemption is just forgettin
 ``host_tokens`` counts the slot's tokens whose K,V the node's host tier holds (copies complete).
 A waiting slot with nothing cached on the device and ``host_tokens > 0`` is *restorable*: when it
 is scheduled its blocks are reserved for those tokens as well and the executor copies them back
-(``scheduler.tiers``), so they are not recomputed.
+(``scheduler.tiers``), so they are not recomputed. An idle session's slot may also be filled
+ahead of its next request: migrated in from another node (``tiers.adopt``), then copied from
+the host tier to free blocks (``tiers.prefetch``).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ LOADING = 4  # its K,V coming back from the host tier into blocks reserved for i
 OFFLOADED = 5  # preempted by swap: its K,V on the way to the host tier, resumable once stored
 FINISHED = 6  # request done; a retained session's K,V stays until evicted
 REJECTED = 7  # could not be admitted (see the reasons below)
+PREFETCHING = 8  # an idle session's K,V coming back from the host tier before its next request
 STATUS_NAMES = ("empty", "waiting", "running", "preempted", "loading", "offloaded", "finished",
-                "rejected")
+                "rejected", "prefetching")
 
 # Why a request was not admitted (0: admitted).
 ADMITTED = 0

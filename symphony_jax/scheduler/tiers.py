@@ -7,10 +7,19 @@ padding):
 
 - ``stored``: the host tier now holds the first ``tokens`` tokens of each slot's sequence; a
   slot preempted by swap (``OFFLOADED``) becomes restorable.
-- ``loaded``: a ``LOADING`` slot's K,V is back in its blocks; it resumes from them.
+- ``loaded``: a ``LOADING`` slot's K,V is back in its blocks; it resumes from them. A
+  ``PREFETCHING`` slot becomes an idle session resident on the device.
 - ``lost``: the host tier no longer holds the slot's K,V (evicted, unreadable, or never
-  stored for want of room): the slot falls back to recomputing. A ``LOADING`` slot gives its
-  reserved blocks back; an idle session with nothing left on the device empties its slot.
+  stored for want of room): the slot falls back to recomputing. A ``LOADING`` or
+  ``PREFETCHING`` slot gives its reserved blocks back; an idle session with nothing left on the
+  device empties its slot.
+
+Two more prepare a session's next request before it arrives (SYMPHONY's node manager):
+
+- ``adopt``: empty slots become idle sessions holding nothing yet, whose K,V is on its way to
+  the host tier (a migration from another node; ``stored`` follows, or ``lost``).
+- ``prefetch``: idle sessions whose K,V only the host tier holds take free blocks for it
+  (never evicting anything), ``PREFETCHING``, while the executor copies it in.
 """
 
 from __future__ import annotations
@@ -44,11 +53,11 @@ def stored(state: S.SchedulerState, slots: jax.Array, tokens: jax.Array) -> S.Sc
 
 @functools.partial(jax.jit, donate_argnames="state")
 def loaded(state: S.SchedulerState, slots: jax.Array) -> S.SchedulerState:
-    """The K,V of ``LOADING`` ``slots`` is in their blocks."""
-    r = state.requests
-    done = _hit(state, slots) & (r.status == S.LOADING)
-    return dataclasses.replace(state, requests=dataclasses.replace(
-        r, status=jnp.where(done, S.PREEMPTED, r.status)))
+    """The K,V of ``LOADING`` or ``PREFETCHING`` ``slots`` is in their blocks."""
+    r, hit = state.requests, _hit(state, slots)
+    status = jnp.select([hit & (r.status == S.LOADING), hit & (r.status == S.PREFETCHING)],
+                        [S.PREEMPTED, S.FINISHED], r.status)
+    return dataclasses.replace(state, requests=dataclasses.replace(r, status=status))
 
 
 @functools.partial(jax.jit, donate_argnames="state")
@@ -57,9 +66,48 @@ def lost(state: S.SchedulerState, slots: jax.Array) -> S.SchedulerState:
     r, table = state.requests, state.blocks
     hit = _hit(state, slots)
     loading = hit & (r.status == S.LOADING)
-    table = bt.free_where(table, loading)
-    empty = hit & (r.status == S.FINISHED) & (table.num_tokens[0] == 0)
+    prefetching = hit & (r.status == S.PREFETCHING)
+    table = bt.free_where(table, loading | prefetching)
+    empty = hit & ((r.status == S.FINISHED) | prefetching) & (table.num_tokens[0] == 0)
     status = jnp.select([loading | (hit & (r.status == S.OFFLOADED)), empty],
                         [S.PREEMPTED, S.EMPTY], r.status)
     return dataclasses.replace(state, blocks=table, requests=dataclasses.replace(
         r, status=status, host_tokens=jnp.where(hit, 0, r.host_tokens)))
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def adopt(state: S.SchedulerState, slots: jax.Array, session_ids: jax.Array,
+          now) -> S.SchedulerState:
+    """``EMPTY`` ``slots`` (i32[K]) become idle sessions ``session_ids`` (i32[K]) with no K,V
+    yet: it is on its way to the host tier."""
+    r = state.requests
+    slots = jnp.where((slots >= 0) & (slots < state.num_slots), slots, state.num_slots)
+    empty = r.status.at[slots].get(mode="fill", fill_value=S.REJECTED) == S.EMPTY
+    slots = jnp.where(empty, slots, state.num_slots)
+    put = lambda column, value: column.at[slots].set(value, mode="drop")
+    return dataclasses.replace(state, requests=dataclasses.replace(
+        r, status=put(r.status, S.FINISHED), session_id=put(r.session_id, session_ids),
+        request_id=put(r.request_id, -1), last_used=put(r.last_used, jnp.asarray(now, jnp.float32)),
+        expiry=put(r.expiry, S.NEVER), host_tokens=put(r.host_tokens, 0)))
+
+
+@functools.partial(jax.jit, donate_argnames="state")
+def prefetch(state: S.SchedulerState, slots: jax.Array) -> tuple[S.SchedulerState, jax.Array]:
+    """Idle ``slots`` (i32[K]) with nothing on the device and ``host_tokens > 0`` take free
+    blocks for those tokens, in order while they fit, and become ``PREFETCHING``. Returns the
+    state and which of ``slots`` did (bool[K])."""
+    r, table, R = state.requests, state.blocks, state.num_slots
+    slots = jnp.where((slots >= 0) & (slots < R), slots, R)
+    get = lambda column, fill: column.at[slots].get(mode="fill", fill_value=fill)
+    eligible = ((get(r.status, S.EMPTY) == S.FINISHED) & (get(table.num_tokens[0], 1) == 0)
+                & (get(r.host_tokens, 0) > 0))
+    table, ok = bt.reserve(table, jnp.where(eligible, slots, R),
+                           jnp.where(eligible, get(r.host_tokens, 0), 0))
+    granted = eligible & ok.all(axis=0)
+    # (Groups have equal capacities, so they grant alike; a slot some group refused gives back
+    # what others reserved.)
+    table = bt.free_where(table, jnp.zeros(R, bool).at[jnp.where(eligible & ~granted, slots, R)]
+                          .set(True, mode="drop"))
+    status = r.status.at[jnp.where(granted, slots, R)].set(S.PREFETCHING, mode="drop")
+    return dataclasses.replace(state, blocks=table, requests=dataclasses.replace(
+        r, status=status)), granted

@@ -1,0 +1,398 @@
+"""A cluster of serving nodes in one process, driven by one controller thread.
+
+A node is one JAX device with its own engine (scheduler, model, K,V pool and host tier); on CPU
+the devices are fake (``--xla_force_host_platform_device_count``), and with fewer devices than
+nodes, nodes share devices. ``step`` steps every live node once: each engine dispatches its step
+asynchronously and collects the previous one, so the devices run concurrently.
+
+The API is the advisory API: ``submit(session_id, new_tokens, sampling)`` sends a session's next
+request (queued behind the session's running one, if any), ``advise(session_id, ...)`` says one
+is coming. Hints are non-binding: a missing, late, false, duplicated or unknown-session
+advisory only costs time or memory. Under a system with ``hints="migrate"``, the node manager
+of SYMPHONY runs here for each advisory, at the next ``step``: the global scheduler picks the
+node, the session's K,V is copied from the node holding it (its host tier or its device) to
+that node's host memory (``jax.device_put`` across devices, asynchronously), then into free
+blocks there; the source lets its copy go once the destination's is complete. A request
+arriving before that waits on its node for the copy it needs, and nothing else does.
+
+``remove_node`` takes a node away mid-run: its sessions' K,V is lost (their next turns
+recompute), its unfinished requests start again on other nodes (each finishes once), and
+migrations from it are cancelled (the destination recomputes).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from symphony_jax import metrics
+from symphony_jax.cluster.global_scheduler import GlobalScheduler, KVLocation
+from symphony_jax.cluster.systems import System, system as get_system
+from symphony_jax.config import EngineConfig
+from symphony_jax.engine.engine import Engine
+from symphony_jax.engine.sampling import SamplingParams
+from symphony_jax.memory import transfer
+from symphony_jax.model.params import LlamaParams
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """``num_nodes`` nodes, each an engine of ``engine`` (pools scaled by the system's
+    ``memory_scale``) on ``devices[i % len(devices)]`` (default: ``jax.devices()``)."""
+
+    engine: EngineConfig
+    num_nodes: int = 2
+    devices: tuple | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.engine, EngineConfig):
+            raise ValueError(f"ClusterConfig.engine={self.engine!r}: expected an EngineConfig")
+        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or \
+                self.num_nodes < 1:
+            raise ValueError(f"ClusterConfig.num_nodes={self.num_nodes!r}: expected an "
+                             "integer >= 1")
+        if self.devices is not None and not len(self.devices):
+            raise ValueError("ClusterConfig.devices: expected None or at least one device")
+
+    def node_engine(self, system: System) -> EngineConfig:
+        """A node's engine config under ``system``: pools scaled, a host tier where it needs one
+        (as large as the device pool, if the config has none)."""
+        cache = self.engine.cache
+        host = cache.num_host_blocks or (cache.num_device_blocks if system.policy.uses_host
+                                         else 0)
+        scale = system.memory_scale
+        return dataclasses.replace(self.engine, cache=dataclasses.replace(
+            cache, num_device_blocks=(cache.num_device_blocks - 1) * scale + 1,
+            num_host_blocks=host * scale))
+
+
+@dataclasses.dataclass
+class Node:
+    index: int
+    device: object
+    engine: Engine
+    alive: bool = True
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: int
+    session_id: int
+    turn_index: int
+    new_tokens: list[int]
+    sampling: SamplingParams
+    arrival_s: float
+    advisory_s: float
+    node: int = -1
+    engine_id: int = -1  # its id on its node's engine
+    prefill_estimate: int = 0  # prompt tokens it was expected to compute there
+    output: list[int] = dataclasses.field(default_factory=list)
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finish_s: float = float("nan")
+    finish_reason: str | None = None
+    attempts: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (node, id)
+
+
+@dataclasses.dataclass
+class _Migration:
+    session_id: int
+    src: int
+    dst: int
+    chunks: tuple[transfer.Chunk, ...]
+    start_s: float
+    request_id: int = -1  # the request it prepared (the session's next)
+    end_s: float = float("nan")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterRecords:
+    """What a run produced: ``symphony_jax.metrics`` tables, and each request's tokens."""
+
+    requests: metrics.RequestRecords
+    tokens: metrics.TokenRecords
+    steps: metrics.StepRecords
+    transfers: metrics.TransferRecords
+    output_ids: tuple[tuple[int, ...], ...]  # generated tokens of each row of ``requests``
+
+    def summary(self, slo: metrics.SLO | None = None, bin_s: float = 1.0) -> dict[str, float]:
+        return metrics.summarize(self.requests, tokens=self.tokens, steps=self.steps,
+                                 transfers=self.transfers, slo=slo, bin_s=bin_s)
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, system: str | System, params: LlamaParams, *,
+                 clock: Callable[[], float] = time.monotonic, **engine_kwargs):
+        """``engine_kwargs`` go to every node's ``Engine`` (``impl``, ``eos_token_ids``, ...)."""
+        self.config, self.system = config, get_system(system)
+        self.base_clock, self.paused = clock, 0.0
+        self.start = self._clock()
+        devices = config.devices or tuple(jax.devices())
+        engine = config.node_engine(self.system)
+        self.nodes = [Node(i, devices[i % len(devices)], Engine(
+            engine, params, policy=self.system.policy, device=devices[i % len(devices)],
+            clock=self._clock, start=self.start, **engine_kwargs))
+            for i in range(config.num_nodes)]
+        self.scheduler = GlobalScheduler(self.system, config.num_nodes,
+                                         step_tokens=engine.scheduler.max_num_batched_tokens,
+                                         step_seqs=engine.scheduler.max_num_seqs)
+        self.requests: dict[int, _Request] = {}
+        self.by_engine: dict[tuple[int, int], _Request] = {}
+        self.history: dict[int, list[int]] = {}  # each session's tokens so far
+        self.turns: dict[int, int] = collections.Counter()
+        self.running: dict[int, _Request] = {}  # each session's request in service
+        self.queued: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self.advisories: list[tuple[int, float, float, int]] = []  # to handle at the next step
+        self.advised_at: dict[int, float] = {}  # first advisory since the session's last request
+        self.migrations: list[_Migration] = []
+        self.done_migrations: list[_Migration] = []
+        self.steps: list[tuple[float, int, int, int, int]] = []
+        self.token_log: list[tuple[int, float]] = []
+        self.next_id = 0
+
+    # ---------------------------------------------------------------- time
+
+    def _clock(self) -> float:
+        return self.base_clock() - self.paused
+
+    def now(self) -> float:
+        return self._clock() - self.start
+
+    # ---------------------------------------------------------------- the advisory API
+
+    def advise(self, session_id: int, expected_arrival: float | None = None,
+               priority: int = 0) -> None:
+        """A request of ``session_id`` is coming (at ``expected_arrival``, seconds on the
+        cluster's clock, if known). Handled at the next ``step``, lower ``priority`` and then
+        earlier expected arrival first."""
+        session_id = _session(session_id, "advise")
+        if expected_arrival is not None and not np.isfinite(expected_arrival):
+            raise ValueError(f"advise: expected_arrival={expected_arrival!r}: expected a finite "
+                             "time or None")
+        if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
+            raise ValueError(f"advise: priority={priority!r}: expected an integer")
+        self.advised_at.setdefault(session_id, self.now())
+        arrival = np.inf if expected_arrival is None else float(expected_arrival)
+        self.advisories.append((int(priority), arrival, len(self.advisories), session_id))
+
+    def submit(self, session_id: int, new_tokens: Sequence[int],
+               sampling: SamplingParams | None = None) -> int:
+        """Send the next request of ``session_id`` (``new_tokens``: the tokens it adds);
+        returns its id. Queued behind the session's request in service, if any."""
+        session_id = _session(session_id, "submit")
+        tokens = [int(t) for t in new_tokens]
+        vocab = self.config.engine.model.vocab_size
+        if not tokens or any(not 0 <= t < vocab for t in tokens):
+            raise ValueError(f"submit: new_tokens must be 1 or more token ids in [0, {vocab}), "
+                             f"got {len(tokens)}")
+        sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"submit: sampling={sampling!r}: expected a SamplingParams")
+        request = _Request(self.next_id, session_id, self.turns[session_id], tokens, sampling,
+                           self.now(), self.advised_at.pop(session_id, float("nan")))
+        self.next_id += 1
+        self.turns[session_id] += 1
+        self.requests[request.request_id] = request
+        for m in self.migrations + self.done_migrations:
+            if m.session_id == session_id and m.request_id < 0:
+                m.request_id = request.request_id
+        if session_id in self.running:
+            self.queued[session_id].append(request)
+        else:
+            self._dispatch(request)
+        return request.request_id
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or any(n.engine.has_unfinished() for n in self.live_nodes)
+
+    @property
+    def live_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.alive]
+
+    def step(self) -> list[int]:
+        """Handle advisories, step every live node once, and apply what completed; returns the
+        requests that ended (finished, aborted or rejected)."""
+        self._handle_advisories()
+        self._poll_migrations()
+        ended = []
+        for node in self.live_nodes:
+            for out in node.engine.step():
+                request = self.by_engine.get((node.index, out.request_id))
+                if request is None or request.node != node.index:
+                    continue  # superseded by a restart elsewhere
+                if out.new_token_ids:
+                    self._tokens(request, out.new_token_ids)
+                if out.finished:
+                    self._end(request, out.finish_reason)
+                    ended.append(request.request_id)
+        now = self.now()
+        for node in self.live_nodes:
+            load = sum(1 for r in self.running.values() if r.node == node.index)
+            self.steps.append((now, node.index, load, node.engine.device_kv_bytes,
+                               node.engine.host_kv_bytes))
+        return ended
+
+    def remove_node(self, index: int) -> None:
+        """Take node ``index`` away now (see the module doc)."""
+        node = self.nodes[index]
+        if not node.alive:
+            return
+        if len(self.live_nodes) == 1:
+            raise ValueError(f"remove_node({index}): it is the last live node")
+        node.alive = False
+        self.scheduler.remove(index)
+        for m in list(self.migrations):
+            if index in (m.src, m.dst):
+                self.migrations.remove(m)
+                if m.dst != index:
+                    self.nodes[m.dst].engine.drop_session(m.session_id)
+                    self.scheduler.where.pop(m.session_id, None)
+        for request in [r for r in self.running.values() if r.node == index]:
+            self.scheduler.ended(index, request.prefill_estimate, bool(request.output))
+            request.output, request.token_times = [], []
+            self._dispatch(request)
+
+    # ---------------------------------------------------------------- records
+
+    def records(self) -> ClusterRecords:
+        rs = sorted(self.requests.values(), key=lambda r: r.request_id)
+        computed = [self._counts(r) for r in rs]
+        finished = [r.finish_reason in ("stop", "length") for r in rs]
+        requests = metrics.RequestRecords(
+            request_id=[r.request_id for r in rs], session_id=[r.session_id for r in rs],
+            turn_index=[r.turn_index for r in rs], node=[r.node for r in rs],
+            arrival_s=[r.arrival_s for r in rs], advisory_s=[r.advisory_s for r in rs],
+            first_token_s=[r.token_times[0] if r.token_times else np.nan for r in rs],
+            finish_s=[r.finish_s if done else np.nan for r, done in zip(rs, finished)],
+            input_tokens=[len(r.new_tokens) + len(self._history_of(r)) for r in rs],
+            output_tokens=[len(r.output) for r in rs],
+            prefill_tokens=[c[0] for c in computed], recomputed_tokens=[c[1] for c in computed])
+        ids, times = zip(*self.token_log) if self.token_log else ((), ())
+        steps = np.asarray(self.steps, np.float64).reshape(-1, 5)
+        moves = self.done_migrations + self.migrations
+        return ClusterRecords(
+            requests, metrics.TokenRecords(request_id=list(ids), time_s=list(times)),
+            metrics.StepRecords(time_s=steps[:, 0], node=steps[:, 1], load=steps[:, 2],
+                                device_bytes=steps[:, 3], host_bytes=steps[:, 4]),
+            metrics.TransferRecords(
+                session_id=[m.session_id for m in moves], request_id=[m.request_id for m in moves],
+                src_node=[m.src for m in moves], dst_node=[m.dst for m in moves],
+                bytes=[m.nbytes for m in moves], start_s=[m.start_s for m in moves],
+                end_s=[m.end_s for m in moves]),
+            tuple(tuple(r.output) for r in rs))
+
+    # ---------------------------------------------------------------- internals
+
+    def _history_of(self, request: _Request) -> list[int]:
+        engine_request = self._engine_request(request)
+        if engine_request is None:
+            return []
+        return engine_request.prompt[: len(engine_request.prompt) - len(request.new_tokens)]
+
+    def _engine_request(self, request: _Request):
+        if request.node < 0:
+            return None
+        return self.nodes[request.node].engine.requests.get(request.engine_id)
+
+    def _counts(self, request: _Request) -> tuple[int, int]:
+        """Prompt tokens computed and history tokens recomputed, over every attempt."""
+        prefill = recomputed = 0
+        for node, engine_id in request.attempts:
+            r = self.nodes[node].engine.requests[engine_id]
+            prefill, recomputed = prefill + r.computed_tokens, recomputed + r.recomputed_tokens
+        return prefill, recomputed
+
+    def _dispatch(self, request: _Request) -> None:
+        """Place a session's request and send it to its node."""
+        session, now = request.session_id, self.now()
+        node = self.scheduler.place(session, now)
+        if self.system.fetch_on_request:
+            self._migrate(session, node)
+        history = self.history.get(session, [])
+        here = self.scheduler.kv_node(session, now) == node
+        kept = self.scheduler.where[session].tokens if here else 0
+        request.node = node
+        request.prefill_estimate = len(history) + len(request.new_tokens) - kept
+        request.engine_id = self.nodes[node].engine.add_request(
+            request.new_tokens, request.sampling, session_id=session, history=history)
+        request.attempts.append((node, request.engine_id))
+        self.by_engine[(node, request.engine_id)] = request
+        self.running[session] = request
+        self.scheduler.started(node, request.prefill_estimate)
+
+    def _tokens(self, request: _Request, tokens: list[int]) -> None:
+        now = self.now()
+        if not request.output:
+            self.scheduler.first_token(request.node, request.prefill_estimate)
+        request.output += tokens
+        request.token_times += [now] * len(tokens)
+        self.token_log += [(request.request_id, now)] * len(tokens)
+
+    def _end(self, request: _Request, reason: str) -> None:
+        session, now = request.session_id, self.now()
+        request.finish_reason, request.finish_s = reason, now
+        self.scheduler.ended(request.node, request.prefill_estimate, bool(request.output))
+        del self.running[session]
+        if not reason.startswith("rejected") and reason != "abort":
+            engine_request = self._engine_request(request)
+            self.history[session] = engine_request.prompt + request.output
+            self.scheduler.kept(session, request.node, len(self.history[session]) - 1, now)
+        if self.queued[session]:
+            self._dispatch(self.queued[session].popleft())
+
+    def _handle_advisories(self) -> None:
+        pending, self.advisories = sorted(self.advisories), []
+        if self.system.hints != "migrate":
+            return
+        for _, _, _, session in pending:
+            if session in self.running:
+                continue  # its K,V is in use; the request will follow it
+            self._migrate(session, self.scheduler.advise(session))
+
+    def _migrate(self, session: int, dst: int) -> None:
+        """Start moving ``session``'s K,V to node ``dst`` if another live node holds it."""
+        now = self.now()
+        src = self.scheduler.kv_node(session, now)
+        if src < 0 or src == dst or any(m.session_id == session for m in self.migrations):
+            return
+        exported = self.nodes[src].engine.export_session(session, self.nodes[dst].device)
+        if exported is None:
+            return
+        chunks, tokens = exported
+        if not self.nodes[dst].engine.import_session(session, chunks, tokens):
+            return
+        migration = _Migration(session, src, dst, chunks, now)
+        self.scheduler.where[session] = KVLocation(dst, tokens)
+        if self.system.free_migration:
+            t0 = self.base_clock()
+            jax.block_until_ready([(c.k, c.v) for c in chunks])
+            self.nodes[dst].engine.settle_imports()
+            self.paused += self.base_clock() - t0
+            self._complete(migration)
+        else:
+            self.migrations.append(migration)
+
+    def _poll_migrations(self) -> None:
+        for m in [m for m in self.migrations if transfer.Transfer(m.chunks).is_ready()]:
+            self.migrations.remove(m)
+            self._complete(m)
+
+    def _complete(self, m: _Migration) -> None:
+        m.end_s = self.now()
+        self.nodes[m.src].engine.drop_session(m.session_id)
+        self.done_migrations.append(m)
+
+
+def _session(session_id, where: str) -> int:
+    if isinstance(session_id, bool) or not isinstance(session_id, (int, np.integer)) or \
+            session_id < 0:
+        raise ValueError(f"{where}: session_id={session_id!r}: expected an integer >= 0")
+    return int(session_id)

@@ -1,0 +1,98 @@
+"""The global scheduler: where each session's K,V is, how loaded each node is, where requests go.
+
+It keeps a table session -> ``KVLocation`` (the node holding the K,V and for how long it is
+kept there) and each node's queued work (``placement.NodeLoads``), and applies the system's
+placement policy. With ``hints="migrate"`` an advisory picks the node for the session's next
+request ahead of it (by the placement policy at that moment, wherever the K,V is: it is about
+to move): the request goes there if that node is still alive, whatever the load is by then —
+the K,V is on its way there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from symphony_jax.cluster.placement import PLACEMENTS, NodeLoads
+from symphony_jax.cluster.systems import System
+
+
+@dataclasses.dataclass
+class KVLocation:
+    node: int
+    tokens: int  # of the session's tokens, those whose K,V is there
+    until_s: float = math.inf  # kept there until then (retention ``ttl``)
+
+
+class GlobalScheduler:
+    def __init__(self, system: System, num_nodes: int, *, step_tokens: int, step_seqs: int):
+        self.system, self.place_fn = system, PLACEMENTS[system.placement]
+        self.step_tokens, self.step_seqs = step_tokens, step_seqs
+        self.where: dict[int, KVLocation] = {}
+        self.advised: dict[int, int] = {}  # session -> node picked by its advisory
+        self.prefill = np.zeros(num_nodes, np.int64)
+        self.decoding = np.zeros(num_nodes, np.int64)
+        self.alive = np.ones(num_nodes, bool)
+        self.placed = 0
+
+    def loads(self) -> NodeLoads:
+        return NodeLoads(self.prefill.copy(), self.decoding.copy(), self.alive.copy(),
+                         self.step_tokens, self.step_seqs)
+
+    def kv_node(self, session_id: int, now: float) -> int:
+        """The live node holding ``session_id``'s K,V (-1: none)."""
+        loc = self.where.get(session_id)
+        if loc is None or loc.until_s <= now or not self.alive[loc.node]:
+            return -1
+        return loc.node
+
+    def place(self, session_id: int, now: float) -> int:
+        """The node for ``session_id``'s request arriving now."""
+        node = self.advised.pop(session_id, -1)
+        if node < 0 or not self.alive[node]:
+            node = self.place_fn(self.loads(), self.kv_node(session_id, now), self.placed)
+        self.placed += 1
+        return node
+
+    def advise(self, session_id: int) -> int:
+        """Pick the node for ``session_id``'s next request now (a repeated advisory keeps the
+        first pick while its node lives)."""
+        node = self.advised.get(session_id, -1)
+        if node < 0 or not self.alive[node]:
+            node = self.place_fn(self.loads(), -1, self.placed)
+            self.advised[session_id] = node
+        return node
+
+    # ------------------------------------------------------------ accounting
+
+    def started(self, node: int, prefill_tokens: int) -> None:
+        self.prefill[node] += prefill_tokens
+
+    def first_token(self, node: int, prefill_tokens: int) -> None:
+        self.prefill[node] -= prefill_tokens
+        self.decoding[node] += 1
+
+    def ended(self, node: int, prefill_tokens: int, decoding: bool) -> None:
+        """A request left ``node`` (finished, rejected, or moved away)."""
+        self.prefill[node] -= 0 if decoding else prefill_tokens
+        self.decoding[node] -= int(decoding)
+
+    def kept(self, session_id: int, node: int, tokens: int, now: float) -> None:
+        """A turn of ``session_id`` ended on ``node``; its K,V stays as the policy says."""
+        policy = self.system.policy
+        if policy.retention == "drop" and not policy.prefix_caching:
+            self.where.pop(session_id, None)
+        else:
+            self.where[session_id] = KVLocation(node, tokens, now + policy.retention_s
+                                                if policy.retention != "drop" else math.inf)
+
+    def remove(self, node: int) -> list[int]:
+        """``node`` is gone; returns the sessions whose K,V was there (now lost)."""
+        self.alive[node] = False
+        lost = [s for s, loc in self.where.items() if loc.node == node]
+        for s in lost:
+            del self.where[s]
+        self.advised = {s: n for s, n in self.advised.items() if n != node}
+        return lost

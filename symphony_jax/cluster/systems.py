@@ -1,0 +1,85 @@
+"""The serving systems compared, each a named composition of policies over the same machinery.
+
+A ``System`` says how each node schedules and what it keeps after a turn (``Policy``), where a
+request goes (``placement``), and what advisories do (``hints``). The six of SYMPHONY's
+comparison (``SYSTEMS``):
+
+- ``recompute`` (vLLM-like): nothing kept between turns, every request placed on the least
+  loaded node; each turn recomputes the session's history.
+- ``prefix_cache``: finished requests' full blocks stay cached by content on their node; a
+  request goes back to the node holding its session's prefix unless that node is clearly
+  busier (cache-aware routing).
+- ``sticky_offload`` (InferCept / CachedAttention style): the session's K,V is written to the
+  serving node's host tier (swap preemption too), and its next turn sticks to that node.
+- ``ttl`` (Continuum style): the K,V stays pinned on the device for ``ttl_s`` after a turn, and
+  the next turn sticks to that node while it is.
+- ``symphony``: host retention with write-back, every request placed on the least loaded node;
+  an advisory picks that node ahead of the request and migrates the session's K,V there (host
+  tier, then free device blocks); a request without one fetches what is elsewhere and loads it
+  layer by layer.
+- ``oracle``: ``symphony`` with pools ``memory_scale`` times larger and migrations that take no
+  time (the cluster's clock stops while one runs): an upper bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from symphony_jax.cluster.placement import PLACEMENTS
+from symphony_jax.scheduler.policy import Policy
+
+HINTS = ("ignore", "migrate")
+TTL_S = 10.0  # Continuum-style pinning time of ``ttl``
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    name: str
+    policy: Policy  # each node's scheduling, preemption and retention
+    placement: str  # a name of ``placement.PLACEMENTS``
+    hints: str = "ignore"  # "migrate": an advisory moves the K,V to the node picked for it
+    fetch_on_request: bool = False  # a request fetches its session's K,V from another node
+    free_migration: bool = False  # migrations take no time (the clock stops)
+    memory_scale: int = 1  # device and host pools times this
+
+    def __post_init__(self):
+        if not isinstance(self.policy, Policy):
+            raise ValueError(f"System({self.name!r}).policy={self.policy!r}: expected a Policy")
+        for field, allowed in (("placement", tuple(PLACEMENTS)), ("hints", HINTS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"System({self.name!r}).{field}={getattr(self, field)!r}: "
+                                 f"expected one of {', '.join(allowed)}")
+        if (self.hints == "migrate" or self.fetch_on_request) and not self.policy.uses_host:
+            raise ValueError(f"System({self.name!r}): migrating K,V needs a policy with a host "
+                             "tier (retention 'host' or preemption 'swap')")
+        if isinstance(self.memory_scale, bool) or not isinstance(self.memory_scale, int) or \
+                self.memory_scale < 1:
+            raise ValueError(f"System({self.name!r}).memory_scale={self.memory_scale!r}: "
+                             "expected an integer >= 1")
+
+    @property
+    def migrates(self) -> bool:
+        return self.hints == "migrate" or self.fetch_on_request
+
+
+SYSTEMS: dict[str, System] = {s.name: s for s in (
+    System("recompute", Policy(), "least_loaded"),
+    System("prefix_cache", Policy(prefix_caching=True), "cache_aware"),
+    System("sticky_offload", Policy(retention="host", preemption="swap"), "sticky"),
+    System("ttl", Policy(retention="ttl", ttl_s=TTL_S), "sticky"),
+    System("symphony", Policy(retention="host", layerwise_loading=True), "least_loaded",
+           hints="migrate", fetch_on_request=True),
+    System("oracle", Policy(retention="host"), "least_loaded", fetch_on_request=True,
+           free_migration=True, memory_scale=16),
+)}
+
+
+def system(name: str | System) -> System:
+    """The system registered as ``name`` (a ``System`` is returned as it is)."""
+    if isinstance(name, System):
+        return name
+    try:
+        return SYSTEMS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown system {name!r}: expected one of {', '.join(SYSTEMS)}") \
+            from None

@@ -12,7 +12,7 @@ import pytest
 
 from symphony_jax.cluster import SYSTEMS, Cluster, ClusterConfig, System, run, system
 from symphony_jax.cluster import placement
-from symphony_jax.cluster.run import turn_tokens
+from symphony_jax.cluster.replay import turn_tokens
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
 from symphony_jax.engine.engine import Engine
 from symphony_jax.engine.sampling import SamplingParams
@@ -29,7 +29,8 @@ FAST = ThinkTime(reading_wpm=1e9, typing_wpm=1e9)  # no think time
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CONFIG.model, jax.random.key(0))
+    yield init_params(CONFIG.model, jax.random.key(0))
+    jax.clear_caches()  # this module compiles six systems for several devices: let them go
 
 
 def greedy(n: int) -> SamplingParams:

@@ -9,7 +9,8 @@ gives requests served, TTFT and normalized latency (end-to-end per output token)
 of prefilled tokens that recompute history, load imbalance (max/median of requests in service
 over nodes, averaged over 0.1 s bins; and of requests served per node), and K,V bytes migrated,
 with normalized latency as a ratio to ``recompute`` measured in the same run. CPU timings
-compare systems with each other only.
+compare systems with each other only. Each system runs in a fresh process: one process
+compiling every system for four devices exhausts the executable mappings XLA:CPU may hold.
 
 Usage: ``python experiments/bench/cluster.py [--quick] [--out FILE.md]``.
 """
@@ -20,13 +21,14 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
+import concurrent.futures  # noqa: E402
 import datetime  # noqa: E402
+import multiprocessing  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import _report  # noqa: E402  (beside this script)
-from symphony_jax import metrics  # noqa: E402
 from symphony_jax.cluster import SYSTEMS, ClusterConfig, run  # noqa: E402
 from symphony_jax.config import (CacheConfig, EngineConfig, SchedulerConfig,  # noqa: E402
                                  model_preset)
@@ -46,12 +48,30 @@ def served_imbalance(records) -> float:
     return float(served.max() / np.median(served)) if np.median(served) else float("nan")
 
 
-def report(quick: bool) -> str:
-    sessions, users = (24, 8) if quick else (64, 16)
-    workload = sharegpt_like(sessions, CHAT, seed=0)
-    schedule = closed_loop(workload, users, think=THINK, stagger_s=1.0, seed=0)
+def scale(quick: bool) -> tuple[int, int]:
+    """(sessions, users)."""
+    return (12, 4) if quick else (48, 16)
+
+
+def serve(name: str, quick: bool) -> dict[str, float]:
+    """Run ``name`` on the workload; its summary and requests-served imbalance."""
+    sessions, users = scale(quick)
+    schedule = closed_loop(sharegpt_like(sessions, CHAT, seed=0), users, think=THINK,
+                           stagger_s=1.0, seed=0)
     config = ClusterConfig(CONFIG, num_nodes=NODES, devices=tuple(jax.devices()[:NODES]))
-    params = init_params(CONFIG.model, jax.random.key(0))
+    records = run(schedule, name, config, init_params(CONFIG.model, jax.random.key(0)), seed=0)
+    return {**records.summary(bin_s=0.1), "served_imbalance": served_imbalance(records),
+            "migrated_bytes": float(records.transfers.bytes.sum())}
+
+
+def report(quick: bool) -> str:
+    sessions, users = scale(quick)
+    workload = sharegpt_like(sessions, CHAT, seed=0)
+    spawn = multiprocessing.get_context("spawn")
+    summaries = {}
+    for name in SYSTEMS:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            summaries[name] = pool.submit(serve, name, quick).result()
     lines = [f"{len(jax.devices())} devices ({jax.devices()[0].platform}), JAX {jax.__version__}, "
              f"{_report.machine()}, {datetime.date.today()}; {sessions} sessions "
              f"({workload.num_turns} requests), {users} users, {NODES} nodes of "
@@ -61,9 +81,7 @@ def report(quick: bool) -> str:
              "redundant | imbalance (time) | imbalance (served) | migrated |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     baseline = None
-    for name in SYSTEMS:
-        records = run(schedule, name, config, params, seed=0)
-        s = records.summary(bin_s=0.1)
+    for name, s in summaries.items():
         latency = s["normalized_latency_s.mean"]
         baseline = baseline or latency
         lines.append(
@@ -71,8 +89,7 @@ def report(quick: bool) -> str:
             f"{s['ttft_s.mean'] * 1e3:.0f} ms | {s['ttft_s.p99'] * 1e3:.0f} ms | "
             f"{latency * 1e3:.1f} ms | {latency / baseline:.2f}x | "
             f"{s['redundant_fraction']:.1%} | {s['load_imbalance.mean']:.2f} | "
-            f"{served_imbalance(records):.2f} | "
-            f"{records.transfers.bytes.sum() / 2**20:.1f} MiB |")
+            f"{s['served_imbalance']:.2f} | {s['migrated_bytes'] / 2**20:.1f} MiB |")
     return "\n".join(lines)
 
 

@@ -14,6 +14,15 @@ settings.register_profile("default", deadline=None,
 settings.load_profile("default")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compilations():
+    """Let each test module's compiled executables go after it: XLA:CPU maps memory for every
+    executable, and a whole suite's worth (clusters compile per device) can exhaust the
+    process's memory mappings."""
+    yield
+    jax.clear_caches()
+
+
 def pytest_collection_modifyitems(config, items):
     if any(d.platform == "gpu" for d in jax.devices()):
         return

@@ -154,6 +154,7 @@ class Cluster:
         self.advised_at: dict[int, float] = {}  # first advisory since the session's last request
         self.migrations: list[_Migration] = []
         self.done_migrations: list[_Migration] = []
+        self.unclaimed: dict[int, list[_Migration]] = {}  # per session, before its next request
         self.steps: list[tuple[float, int, int, int, int]] = []
         self.token_log: list[tuple[int, float]] = []
         self.next_id = 0
@@ -201,9 +202,8 @@ class Cluster:
         self.next_id += 1
         self.turns[session_id] += 1
         self.requests[request.request_id] = request
-        for m in self.migrations + self.done_migrations:
-            if m.session_id == session_id and m.request_id < 0:
-                m.request_id = request.request_id
+        for m in self.unclaimed.pop(session_id, []):
+            m.request_id = request.request_id
         if session_id in self.running:
             self.queued[session_id].append(request)
         else:
@@ -234,9 +234,9 @@ class Cluster:
                     self._end(request, out.finish_reason)
                     ended.append(request.request_id)
         now = self.now()
+        load = collections.Counter(r.node for r in self.running.values())
         for node in self.live_nodes:
-            load = sum(1 for r in self.running.values() if r.node == node.index)
-            self.steps.append((now, node.index, load, node.engine.device_kv_bytes,
+            self.steps.append((now, node.index, load[node.index], node.engine.device_kv_bytes,
                                node.engine.host_kv_bytes))
         return ended
 
@@ -370,6 +370,7 @@ class Cluster:
         if not self.nodes[dst].engine.import_session(session, chunks, tokens):
             return
         migration = _Migration(session, src, dst, chunks, now)
+        self.unclaimed.setdefault(session, []).append(migration)
         self.scheduler.where[session] = KVLocation(dst, tokens)
         if self.system.free_migration:
             t0 = self.base_clock()

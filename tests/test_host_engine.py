@@ -58,11 +58,11 @@ def swap_batch(engine: Engine) -> None:
     assert [engine.result(i).token_ids for i in ids] == tokens_of(expected)
 
 
-def two_turns(engine: Engine, others=(40, 40), meanwhile=lambda: None):
+def two_turns(engine: Engine, others=(40, 40), meanwhile=lambda: None, first_len: int = 20):
     """Session 7's first turn, other sessions that need the pool, ``meanwhile()``, then
     session 7's second turn. Returns (second turn's id, its expected tokens, the history's
     length, the new tokens' count)."""
-    first, second = prompts(2, [20, 6])
+    first, second = prompts(2, [first_len, 6])
     turn1 = engine.add_request(first, GREEDY, session_id=7)
     run(engine)
     for i, prompt in enumerate(prompts(3, others)):
@@ -99,6 +99,19 @@ def test_host_retention_restores_the_history():
     # The device copy was dropped for the other sessions; only the first turn's last token
     # (never computed) and the new input are computed.
     assert counts_of(engine, turn2) == (1 + new, 0)
+    check_blocks(engine)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_a_restore_wider_than_a_steps_budget(layerwise):
+    """A history of 11 blocks comes back at once: more blocks than a step's token budget
+    (64 tokens: 9 blocks) ever reserves for computing."""
+    engine = Engine(with_host(TIGHT, 64), PARAMS,
+                    policy=dataclasses.replace(POLICY, layerwise_loading=layerwise))
+    turn2, expected, history, new = two_turns(engine, first_len=74)
+    assert -(-history // 8) > 9
+    assert engine.result(turn2).token_ids == expected
+    assert engine.host.stats.restored >= 1 and counts_of(engine, turn2) == (1 + new, 0)
     check_blocks(engine)
 
 

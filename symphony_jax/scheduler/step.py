@@ -126,25 +126,25 @@ def _overlap(start, length, end) -> jax.Array:
 
 
 def _reserve(table: bt.BlockTable, grant: jax.Array, batch: jax.Array,
-             limits: SchedulerConfig, chunk: int = 8) -> bt.BlockTable:
+             limits: SchedulerConfig, restores: bool, chunk: int = 8) -> bt.BlockTable:
     """Reserve the granted tokens (they fit; ``batch`` lists the scheduled slots first). Most
     slots need at most one new block (decode tokens, small chunks): they are reserved together,
-    one block wide, over the first ``max_num_seqs`` slots of the batch; the few that need more
-    are reserved ``chunk`` at a time at the width of a whole budget, so the work follows what is
-    reserved."""
+    one block wide, over the first ``max_num_seqs`` slots of the batch; the others are reserved
+    ``chunk`` at a time, as wide as a whole budget — or a whole sequence when ``restores``
+    (a restored slot reserves its host tokens too) — so the work follows what is reserved."""
     R = grant.shape[0]
     need = _blocks_needed(table.num_tokens[0], grant, table.block_size)
     head = batch[: limits.max_num_seqs]
-    narrow = (grant > 0) & (need <= 1)
+    narrow = (grant > 0) & (need <= 1) & jnp.zeros(R, bool).at[head].set(True)
     table, _ = bt.reserve(table, jnp.where(narrow[head], head, R), grant[head], max_new_blocks=1)
-    width = min(-(-limits.max_num_batched_tokens // table.block_size) + 1,
-                table.max_blocks_per_seq)
+    width = table.max_blocks_per_seq if restores else min(
+        -(-limits.max_num_batched_tokens // table.block_size) + 1, table.max_blocks_per_seq)
 
     def reserve_wide(table, slots):
         counts = grant.at[slots].get(mode="fill", fill_value=0)
         return bt.reserve(table, slots, counts, max_new_blocks=width)[0]
 
-    return bt.in_chunks(table, (grant > 0) & (need > 1), reserve_wide, chunk)
+    return bt.in_chunks(table, (grant > 0) & ~narrow, reserve_wide, chunk)
 
 
 @functools.partial(jax.jit, donate_argnames="state", static_argnames=("limits", "policy"))
@@ -274,7 +274,7 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
     # Scheduled slots in order, then slots restoring only (they reserve blocks too), then others.
     batch_order = jnp.argsort(jnp.select([scheduled, restores], [position, R + position],
                                          2 * R + position))
-    table = _reserve(table, reserved, batch_order, limits)
+    table = _reserve(table, reserved, batch_order, limits, policy.uses_host)
     samples = scheduled & (cached + grant == known)
     requests = dataclasses.replace(
         r,

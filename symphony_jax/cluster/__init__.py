@@ -5,10 +5,10 @@ Placement and systems are plain policies (no model): the simulator uses them too
 cluster (``Cluster``, ``run``), which runs engines, is imported on first use.
 """
 
+from symphony_jax.cluster.records import ClusterRecords
 from symphony_jax.cluster.systems import SYSTEMS, System, system
 
-_REAL = {"Cluster": "cluster", "ClusterConfig": "cluster", "ClusterRecords": "cluster",
-         "run": "replay"}
+_REAL = {"Cluster": "cluster", "ClusterConfig": "cluster", "run": "replay"}
 
 
 def __getattr__(name: str):

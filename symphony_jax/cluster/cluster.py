@@ -32,7 +32,8 @@ import numpy as np
 
 from symphony_jax import metrics
 from symphony_jax.cluster.global_scheduler import GlobalScheduler, KVLocation
-from symphony_jax.cluster.systems import System, system as get_system
+from symphony_jax.cluster.records import ClusterRecords
+from symphony_jax.cluster.systems import System, node_engine, system as get_system
 from symphony_jax.config import EngineConfig
 from symphony_jax.engine.engine import Engine
 from symphony_jax.engine.sampling import SamplingParams
@@ -60,15 +61,7 @@ class ClusterConfig:
             raise ValueError("ClusterConfig.devices: expected None or at least one device")
 
     def node_engine(self, system: System) -> EngineConfig:
-        """A node's engine config under ``system``: pools scaled, a host tier where it needs one
-        (as large as the device pool, if the config has none)."""
-        cache = self.engine.cache
-        host = cache.num_host_blocks or (cache.num_device_blocks if system.policy.uses_host
-                                         else 0)
-        scale = system.memory_scale
-        return dataclasses.replace(self.engine, cache=dataclasses.replace(
-            cache, num_device_blocks=(cache.num_device_blocks - 1) * scale + 1,
-            num_host_blocks=host * scale))
+        return node_engine(self.engine, system)
 
 
 @dataclasses.dataclass
@@ -111,21 +104,6 @@ class _Migration:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.chunks)
-
-
-@dataclasses.dataclass(frozen=True)
-class ClusterRecords:
-    """What a run produced: ``symphony_jax.metrics`` tables, and each request's tokens."""
-
-    requests: metrics.RequestRecords
-    tokens: metrics.TokenRecords
-    steps: metrics.StepRecords
-    transfers: metrics.TransferRecords
-    output_ids: tuple[tuple[int, ...], ...]  # generated tokens of each row of ``requests``
-
-    def summary(self, slo: metrics.SLO | None = None, bin_s: float = 1.0) -> dict[str, float]:
-        return metrics.summarize(self.requests, tokens=self.tokens, steps=self.steps,
-                                 transfers=self.transfers, slo=slo, bin_s=bin_s)
 
 
 class Cluster:

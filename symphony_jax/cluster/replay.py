@@ -18,9 +18,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from symphony_jax.cluster.cluster import Cluster, ClusterConfig, ClusterRecords
+from symphony_jax.cluster.cluster import Cluster, ClusterConfig
+from symphony_jax.cluster.records import ClusterRecords
 from symphony_jax.cluster.systems import System
 from symphony_jax.engine.sampling import SamplingParams
+from symphony_jax.progress import bar as progress_bar
 from symphony_jax.model.params import LlamaParams
 from symphony_jax.workloads.schedule import ARRIVAL, Events, Schedule
 
@@ -45,8 +47,15 @@ def run(schedule: Schedule, system: str | System, config: ClusterConfig, params:
     Request ids are the schedule's rows. ``faults``: (time s, node) removals."""
     if not isinstance(schedule, Schedule):
         raise ValueError(f"run: schedule={schedule!r}: expected a workloads Schedule")
-    cluster = Cluster(config, system, params, **engine_kwargs)
-    vocab = config.engine.model.vocab_size
+    return replay(schedule, Cluster(config, system, params, **engine_kwargs), seed=seed,
+                  faults=faults, idle_sleep_s=idle_sleep_s, progress=progress)
+
+
+def replay(schedule: Schedule, cluster: Cluster, *, seed: int = 0,
+           faults: Sequence[tuple[float, int]] = (), idle_sleep_s: float = 1e-3,
+           progress: bool = False) -> ClusterRecords:
+    """``run`` on a cluster already built (a caller that reads its nodes afterwards)."""
+    vocab = cluster.config.engine.model.vocab_size
     w = schedule.workload
     queue: list[tuple[float, int, int, int]] = []  # (time, kind, order, row or session)
     serial = 0
@@ -63,7 +72,7 @@ def run(schedule: Schedule, system: str | System, config: ClusterConfig, params:
     faults = sorted((float(t), int(node)) for t, node in faults)
     row_of: dict[int, int] = {}  # cluster request id -> row
     ended = 0
-    bar = _progress(schedule.num_rows, progress)
+    bar = progress_bar(schedule.num_rows, progress)
     while ended < schedule.num_rows:
         now = cluster.now()
         while faults and faults[0][0] <= now:
@@ -101,19 +110,3 @@ def _by_row(records: ClusterRecords, row_of: dict[int, int]) -> ClusterRecords:
         tokens=type(t)(**{**t.columns(), "request_id": rename(t.request_id)}),
         transfers=type(m)(**{**m.columns(), "request_id": np.where(
             m.request_id >= 0, rename(m.request_id), -1)}))
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, show: bool):
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="request")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from symphony_jax.cluster.placement import PLACEMENTS
+from symphony_jax.config import EngineConfig
 from symphony_jax.scheduler.policy import Policy
 
 HINTS = ("ignore", "migrate")
@@ -83,3 +84,14 @@ def system(name: str | System) -> System:
     except (KeyError, TypeError):
         raise ValueError(f"unknown system {name!r}: expected one of {', '.join(SYSTEMS)}") \
             from None
+
+
+def node_engine(engine: EngineConfig, system: System) -> EngineConfig:
+    """A node's engine config under ``system``: pools scaled by its ``memory_scale``, and a host
+    tier where it needs one (as large as the device pool, if ``engine`` has none)."""
+    cache = engine.cache
+    host = cache.num_host_blocks or (cache.num_device_blocks if system.policy.uses_host else 0)
+    scale = system.memory_scale
+    return dataclasses.replace(engine, cache=dataclasses.replace(
+        cache, num_device_blocks=(cache.num_device_blocks - 1) * scale + 1,
+        num_host_blocks=host * scale))

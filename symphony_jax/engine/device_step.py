@@ -94,23 +94,24 @@ def admit(device: DeviceState, new: S.NewRequests, prompts: jax.Array, rows: Sam
         sampling=device.sampling.put(target, rows)), slots, reasons
 
 
-@functools.partial(jax.jit, donate_argnames="scheduler", static_argnames=("limits", "policy"))
-def schedule(scheduler: S.SchedulerState, now, *, limits, policy: Policy):
+@functools.partial(jax.jit, donate_argnames="scheduler",
+                   static_argnames=("limits", "policy", "record"))
+def schedule(scheduler: S.SchedulerState, now, *, limits, policy: Policy, record: bool = False):
     """``scheduler.step.schedule``, with what the host reads packed for one read: ``counts``
-    = (sequences, tokens, decode only, free blocks after the step's reservations), and when K,V
+    = (sequences, tokens, decode only, free blocks after the step's reservations); when K,V
     moves to and from a host tier (``policy.uses_host``) each slot's cached tokens before the
-    step, ``plan.offloads`` and ``plan.restores`` (``i32[NUM_COUNTS + 3R]``). Then also returns
-    the block ids before the step (``i32[G, R, MB]``): an offloaded slot's blocks are read from
-    them."""
+    step, ``plan.offloads`` and ``plan.restores`` (``3R`` more); with ``record``, each slot's
+    query and context lengths (``2R`` more, last). When K,V moves, also returns the block ids
+    before the step (``i32[G, R, MB]``): an offloaded slot's blocks are read from them."""
     tokens, block_ids = scheduler.cached_tokens, scheduler.blocks.block_ids
     scheduler, plan = scheduler_step.schedule(scheduler, now, limits=limits, policy=policy)
-    counts = jnp.stack([plan.num_seqs, plan.num_tokens, plan.decode_only.astype(i32),
-                        scheduler.blocks.free_top.min()])
-    if not policy.uses_host:
-        return scheduler, plan, counts, None
-    counts = jnp.concatenate([counts, tokens, plan.offloads.astype(i32),
-                              plan.restores.astype(i32)])
-    return scheduler, plan, counts, block_ids
+    counts = [jnp.stack([plan.num_seqs, plan.num_tokens, plan.decode_only.astype(i32),
+                         scheduler.blocks.free_top.min()])]
+    if policy.uses_host:
+        counts += [tokens, plan.offloads.astype(i32), plan.restores.astype(i32)]
+    if record:  # the context a step's query attends to: its reservation covers the query
+        counts += [plan.query_lens, scheduler.cached_tokens - plan.query_lens]
+    return scheduler, plan, jnp.concatenate(counts), block_ids if policy.uses_host else None
 
 
 @functools.partial(jax.jit, donate_argnames="device", static_argnames=(

@@ -82,9 +82,10 @@ class Engine:
                  tokenizer=None, eos_token_ids: Sequence[int] = (), impl: str = "auto",
                  device=None, admit_batch: int = 8, max_stop_ids: int = 8,
                  clock: Callable[[], float] = time.monotonic, start: float | None = None,
-                 disk_dir: str | None = None):
+                 disk_dir: str | None = None, record_steps: bool = False):
         """``clock`` (seconds) times requests from ``start`` (default: now); engines of a
-        cluster share both."""
+        cluster share both. ``record_steps``: keep each step's batch in ``step_log`` (for
+        calibrating a cost model; no extra host reads while running)."""
         self.config, self.policy, self.tokenizer, self.impl = config, policy, tokenizer, impl
         self.eos_token_ids = tuple(eos_token_ids or getattr(tokenizer, "eos_token_ids", ()))
         self.admit_batch, self.max_stop_ids, self.clock = admit_batch, max_stop_ids, clock
@@ -118,6 +119,10 @@ class Engine:
         self.inflight = None  # the last dispatched step's outputs and slot owners
         self.ids = itertools.count()
         self.done: list[RequestOutput] = []  # outputs decided on the host, not yet returned
+        # With record_steps, every step: (time scheduled, query lengths i32[R], context
+        # lengths i32[R]); a step's duration is the time to the next one.
+        self.step_log: list[tuple[float, np.ndarray, np.ndarray]] | None = (
+            [] if record_steps else None)
 
     # ---------------------------------------------------------------- the online API
 
@@ -182,14 +187,19 @@ class Engine:
         if self.host is not None:
             self.device = self.host.poll(self.device, self.free_blocks)
         self._admit()
+        recording = self.step_log is not None
         scheduler, plan, counts, block_ids = device_step.schedule(
-            self.device.scheduler, self.now(), limits=self.config.scheduler, policy=self.policy)
+            self.device.scheduler, self.now(), limits=self.config.scheduler, policy=self.policy,
+            record=recording)
         self.device = dataclasses.replace(self.device, scheduler=scheduler)
         counts = np.asarray(counts)
         num_seqs, num_tokens, decode, self.free_blocks = counts[:NUM_COUNTS].tolist()
+        R = self.config.scheduler.slots
+        if recording:
+            self.step_log.append((self.now(), *counts[-2 * R:].reshape(2, R)))
         restores = None
         if self.host is not None:
-            tokens, offloads, restoring = counts[NUM_COUNTS:].reshape(3, -1)
+            tokens, offloads, restoring = counts[NUM_COUNTS:NUM_COUNTS + 3 * R].reshape(3, -1)
             restores = self.host.dispatch(self.device, block_ids, tokens, offloads, restoring,
                                           self.slot_session != S.NO_SESSION,
                                           self.slot_request < 0)

@@ -21,9 +21,9 @@ def main(script: str, doc: str, report: Callable[[bool], str],
     text = report(args.quick)
     print(text)
     if args.out:
-        name = pathlib.Path(script).name
-        command = " ".join(["python", f"experiments/bench/{name}",
-                            *(sys.argv[1:] if argv is None else argv)])
+        repository = pathlib.Path(__file__).resolve().parents[2]
+        name = pathlib.Path(script).resolve().relative_to(repository).as_posix()
+        command = " ".join(["python", name, *(sys.argv[1:] if argv is None else argv)])
         title = doc.splitlines()[0].rstrip(".")
         pathlib.Path(args.out).write_text(f"# {title}\n\n`{command}`\n\n{text}\n")
     return text

@@ -32,7 +32,7 @@ import numpy as np
 
 from symphony_jax import metrics
 from symphony_jax.cluster.global_scheduler import GlobalScheduler, KVLocation
-from symphony_jax.cluster.records import ClusterRecords
+from symphony_jax.cluster.records import ClusterRecords, step_records, transfer_records
 from symphony_jax.cluster.systems import System, node_engine, system as get_system
 from symphony_jax.config import EngineConfig
 from symphony_jax.engine.engine import Engine
@@ -254,17 +254,9 @@ class Cluster:
             output_tokens=[len(r.output) for r in rs],
             prefill_tokens=[c[0] for c in computed], recomputed_tokens=[c[1] for c in computed])
         ids, times = zip(*self.token_log) if self.token_log else ((), ())
-        steps = np.asarray(self.steps, np.float64).reshape(-1, 5)
-        moves = self.done_migrations + self.migrations
         return ClusterRecords(
             requests, metrics.TokenRecords(request_id=list(ids), time_s=list(times)),
-            metrics.StepRecords(time_s=steps[:, 0], node=steps[:, 1], load=steps[:, 2],
-                                device_bytes=steps[:, 3], host_bytes=steps[:, 4]),
-            metrics.TransferRecords(
-                session_id=[m.session_id for m in moves], request_id=[m.request_id for m in moves],
-                src_node=[m.src for m in moves], dst_node=[m.dst for m in moves],
-                bytes=[m.nbytes for m in moves], start_s=[m.start_s for m in moves],
-                end_s=[m.end_s for m in moves]),
+            step_records(self.steps), transfer_records(self.done_migrations + self.migrations),
             tuple(tuple(r.output) for r in rs))
 
     # ---------------------------------------------------------------- internals

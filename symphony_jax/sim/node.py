@@ -1,0 +1,448 @@
+"""A simulated node: the real scheduler state machine, a cost model instead of the model.
+
+The node keeps the engine's ``SchedulerState`` and drives it with the same jitted transitions
+(``admission.admit``, ``step.schedule``, ``step.commit``, ``tiers.*``); only the forward pass is
+replaced by ``cost.step_time`` and sampling by the workload's output lengths (a request
+generates exactly ``max_new_tokens``). ``advance`` runs steps back to back inside one jitted
+loop, each taking the cost model's time, until a request finishes, the horizon passes, or a
+step copies K,V to or from the host tier (the node then starts those copies as flows on its
+links).
+
+The host tier mirrors the engine's (``engine.host_kv``) at block granularity: a ``HostTier`` of
+byte-less entries, copies as flows on the node's PCIe link. Simplifications, each cheaper than
+the real engine or equal: a finished session's K,V is written back at the end of its turn (the
+engine writes full blocks every step); a layer-wise restore makes its step last until its copy
+is in (the copy overlapping the step's compute); there is no disk tier.
+
+Prefix caching keys blocks by (session, block index): a session's token stream only grows, so
+block ``i`` of a session has the same contents in every turn, and sessions share nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from symphony_jax.config import EngineConfig
+from symphony_jax.memory.host_tier import HostTier, HostTierFull
+from symphony_jax.scheduler import admission, tiers
+from symphony_jax.scheduler import state as S
+from symphony_jax.scheduler import step as scheduler_step
+from symphony_jax.scheduler.batch import padded
+from symphony_jax.scheduler.policy import Policy
+
+i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
+ADMIT_BATCH = 16  # requests admitted per call (one compiled shape)
+STRETCH_STEPS = 512  # most steps one ``advance`` call runs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Stretch:
+    """What ``advance`` did (R slots). Times are seconds after its ``start``."""
+
+    elapsed: jax.Array  # f32[]     time of the steps it ran
+    steps: jax.Array  # i32[]       steps it ran
+    last_start: jax.Array  # f32[]  when its last step started
+    first_token: jax.Array  # f32[R] when each slot sampled its request's first token; inf
+    finished: jax.Array  # bool[R]  requests that finished (at ``elapsed``)
+    copies: jax.Array  # bool[]     its last step copies K,V (to or from the host tier)
+    idle: jax.Array  # bool[]       its last step ran nothing: wait for an event
+    offloads: jax.Array  # bool[R]  of the last step: slots swapped out
+    restores: jax.Array  # bool[R]  and restored
+    cached_before: jax.Array  # i32[R] each slot's cached tokens before the last step
+    query_lens: jax.Array  # i32[R]  and the tokens each computed in it
+
+
+def block_keys(requests: S.Requests, max_blocks: int) -> jax.Array:
+    """u32[R, max_blocks, 2]: synthetic content keys, (session + 1, block + 1)."""
+    owner = jnp.where(requests.session_id != S.NO_SESSION, requests.session_id,
+                      (1 << 30) + requests.request_id) + 1
+    blocks = jnp.arange(1, max_blocks + 1, dtype=u32)
+    return jnp.stack(jnp.broadcast_arrays(owner.astype(u32)[:, None], blocks[None, :]), -1)
+
+
+@functools.partial(jax.jit, donate_argnames="state",
+                   static_argnames=("limits", "policy", "cost", "max_steps"))
+def advance(state: S.SchedulerState, start, horizon, *, limits, policy: Policy, cost,
+            max_steps: int) -> tuple[S.SchedulerState, Stretch]:
+    """Run steps from time ``start``: one, then more while less than ``horizon`` seconds have
+    passed, at most ``max_steps``, stopping after a step where a request finishes, that ran
+    nothing, or that copies K,V (the caller starts its copies)."""
+    R = state.num_slots
+    slots = jnp.arange(R, dtype=i32)
+    no = jnp.zeros(R, bool)
+
+    def step(carry):
+        state, out = carry
+        now = jnp.asarray(start, f32) + out.elapsed
+        before = state.cached_tokens
+        new, plan = scheduler_step.schedule(state, now, limits=limits, policy=policy)
+        context = new.cached_tokens - plan.query_lens
+        dt = jnp.where(plan.num_seqs > 0, cost.step_time(plan.query_lens, context), 0.0)
+        keys = (block_keys(new.requests, new.blocks.max_blocks_per_seq)
+                if policy.prefix_caching else None)
+        new, finished = scheduler_step.commit(new, plan, no, now + dt, policy=policy,
+                                              seq_slots=slots, block_keys=keys)
+        first = plan.samples & (state.requests.num_generated == 0)
+        elapsed = out.elapsed + dt
+        return new, Stretch(
+            elapsed=elapsed, steps=out.steps + 1, last_start=out.elapsed,
+            first_token=jnp.where(first, elapsed, out.first_token), finished=finished,
+            copies=plan.offloads.any() | plan.restores.any(), idle=plan.num_seqs == 0,
+            offloads=plan.offloads, restores=plan.restores, cached_before=before,
+            query_lens=plan.query_lens)
+
+    def going(carry):
+        _, out = carry
+        return (~out.finished.any() & ~out.copies & ~out.idle & (out.steps < max_steps)
+                & ((out.steps == 0) | (out.elapsed < horizon)))
+
+    zeros = jnp.zeros(R, i32)
+    out = Stretch(jnp.float32(0), jnp.int32(0), jnp.float32(0), jnp.full(R, jnp.inf, f32), no,
+                  jnp.bool_(False), jnp.bool_(False), no, no, zeros, zeros)
+    return jax.lax.while_loop(going, step, (state, out))
+
+
+@dataclasses.dataclass
+class SimRequest:
+    request_id: int
+    session_id: int
+    turn_index: int
+    prompt_len: int  # history + new input
+    history_len: int  # tokens of the session before this request
+    max_new_tokens: int
+    arrival_s: float
+    advisory_s: float = math.nan
+    node: int = -1
+    slot: int = -1
+    prefill_estimate: int = 0  # prompt tokens it was expected to compute (placement load)
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+    finish_reason: str | None = None
+    prefill_tokens: int = 0  # over every attempt
+    recomputed_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Blocks:
+    """A host-tier entry's stand-in for ``transfer.Chunk``: blocks without bytes."""
+
+    first_block: int
+    num_blocks: int
+    nbytes: int
+
+    def is_ready(self) -> bool:
+        return True
+
+
+class SimNode:
+    def __init__(self, index: int, config: EngineConfig, policy: Policy, cost,
+                 launch: Callable[[float, tuple[str, ...], int, Callable[[float], None]], None]):
+        """``launch(time, path, nbytes, on_done)`` starts a copy over links at ``time`` (this
+        node's PCIe link is ``pcie<index>``); ``on_done(end time)`` follows."""
+        self.index, self.config, self.policy, self.cost = index, config, policy, cost
+        self.launch, self.pcie = launch, (f"pcie{index}",)
+        self.state = S.init(config)
+        R = config.scheduler.slots
+        self.block_size = config.cache.block_size
+        self.block_bytes = config.model.kv_bytes_per_token() * self.block_size
+        self.slot_request = np.full(R, -1, np.int64)
+        self.slot_session = np.full(R, S.NO_SESSION, np.int64)
+        self.host = HostTier(config.cache.num_host_blocks, self.block_bytes)
+        self.generation = np.zeros(R, np.int64)  # a slot's host entry changes hands: stale copies
+        self.stored = np.zeros(R, np.int64)  # tokens the scheduler was told the host holds
+        self.writing: set[int] = set()  # slots with a device -> host copy in flight
+        self.arriving: set[int] = set()  # migrated in, still on its way to the host tier
+        self.to_prefetch: set[int] = set()
+        self.prefetching: set[int] = set()
+        self.pending: list[SimRequest] = []
+        self.requests: dict[int, SimRequest] = {}  # admitted, unfinished
+        self.clock = 0.0  # when its next step starts
+        self.waiting_on: set[object] = set()  # copies its next step waits for (layer-wise)
+        self.idle = True  # nothing to step until an event
+        self.free_blocks = config.cache.num_device_blocks - 1
+        self.stats = {"steps": 0, "written": 0, "restored": 0, "lost": 0, "prefetched": 0}
+
+    # ------------------------------------------------------------ requests
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.requests or self.pending)
+
+    def submit(self, request: SimRequest) -> None:
+        self.pending.append(request)
+        self.idle = False
+
+    def held(self, session_id: int) -> bool:
+        """Whether K,V migrated here for ``session_id`` is still on its way in."""
+        slots = np.flatnonzero(self.slot_session == session_id)
+        return any(int(s) in self.arriving or int(s) in self.prefetching for s in slots)
+
+    def admit(self, now: float) -> list[SimRequest]:
+        """Admit pending requests (those whose session's K,V is not arriving); returns the
+        rejected ones."""
+        ready = [r for r in self.pending if not self.held(r.session_id)][:ADMIT_BATCH]
+        if not ready:
+            return []
+        self.pending = [r for r in self.pending if r not in ready]
+        R, MB = self.config.scheduler.slots, self.config.max_blocks_per_seq
+        new = S.new_requests([r.request_id for r in ready], [r.prompt_len for r in ready],
+                             [r.max_new_tokens for r in ready],
+                             session_id=[r.session_id for r in ready],
+                             history_len=[max(r.history_len - 1, 0) for r in ready],
+                             arrival=[r.arrival_s for r in ready], size=ADMIT_BATCH)
+        keys = None
+        if self.policy.prefix_caching:
+            keys = np.zeros((ADMIT_BATCH, MB, 2), np.uint32)
+            for i, r in enumerate(ready):
+                full = r.prompt_len // self.block_size
+                keys[i, :full, 0], keys[i, :full, 1] = r.session_id + 1, np.arange(1, full + 1)
+            keys = jnp.asarray(keys)
+        self.state, slots, reasons = admission.admit(
+            self.state, new, limits=self.config.scheduler, policy=self.policy, prompt_keys=keys)
+        slots, reasons = jax.device_get((slots, reasons))
+        rejected = []
+        for r, slot, reason in zip(ready, slots.tolist(), reasons.tolist()):
+            if reason != S.ADMITTED:
+                r.finish_reason = f"rejected: {S.REASONS[reason]}"
+                rejected.append(r)
+                continue
+            if self.slot_session[slot] != r.session_id:
+                self._forget(slot)
+            r.slot, self.slot_request[slot], self.slot_session[slot] = slot, r.request_id, \
+                r.session_id
+            self.requests[r.request_id] = r
+            self.to_prefetch.discard(slot)
+        return rejected
+
+    # ------------------------------------------------------------ stepping
+
+    def run(self, horizon: float, max_steps: int = STRETCH_STEPS) -> Stretch:
+        """Steps from ``self.clock`` while before ``horizon`` (see ``advance``); moves the
+        clock and starts the copies of its last step."""
+        start = self.clock
+        limit = np.float32(min(horizon - start, 3.0e38))
+        self.state, out = advance(self.state, np.float32(start), limit,
+                                  limits=self.config.scheduler, policy=self.policy,
+                                  cost=self.cost, max_steps=max_steps)
+        out = jax.device_get(out)
+        self.stats["steps"] += int(out.steps)
+        self.free_blocks = int(jax.device_get(self.state.blocks.free_top.min()))
+        self.clock = start + float(out.elapsed)
+        if out.copies:
+            self._copies(out, start + float(out.last_start))
+        self.idle = bool(out.idle) and not out.copies
+        return out
+
+    def _copies(self, out: Stretch, start: float) -> None:
+        """Start the copies of a step that started at ``start``."""
+        for slot in np.flatnonzero(out.offloads):
+            self.write(int(slot), int(out.cached_before[slot]), start)
+        restoring = np.flatnonzero(out.restores)
+        if not len(restoring):
+            return
+        host = self.state.requests.host_tokens
+        tokens = np.asarray(jax.device_get(host))[restoring]
+        nbytes = sum(-(-int(t) // self.block_size) for t in tokens) * self.block_bytes
+        self.stats["restored"] += len(restoring)
+        for slot in restoring:
+            self.host.touch(int(slot))
+        slots, copy = [int(s) for s in restoring], object()
+        if self.policy.layerwise_loading:  # the step computed while its K,V came in: it
+            self.waiting_on.add(copy)  # ends once both are done
+        self.launch(start, self.pcie, nbytes, lambda t: self._restored(slots, copy, t))
+
+    def _restored(self, slots: list[int], copy: object, t: float) -> None:
+        if copy in self.waiting_on:
+            self.waiting_on.discard(copy)
+            self.clock = max(self.clock, t)
+        else:
+            self.state = tiers.loaded(self.state, self._slots(slots))
+        self.idle = False
+
+    def finished(self, out: Stretch) -> list[SimRequest]:
+        """The requests ``out`` finished, with their counts; their slots are released, and a
+        session under retention ``host`` has its K,V written back."""
+        slots = np.flatnonzero(out.finished)
+        if not len(slots):
+            return []
+        r = self.state.requests
+        computed, recomputed, cached = (np.asarray(a) for a in jax.device_get(
+            (r.computed, r.recomputed_history, self.state.cached_tokens)))
+        done = []
+        for slot in slots.tolist():
+            request = self.requests.pop(int(self.slot_request[slot]))
+            request.prefill_tokens += int(computed[slot])
+            request.recomputed_tokens += int(recomputed[slot])
+            request.finish_reason, request.finish_s = "length", self.clock
+            self.slot_request[slot] = -1
+            if self.policy.retention == "host" and cached[slot] > 0:
+                self.write(slot, int(cached[slot]), self.clock)
+            done.append(request)
+        return done
+
+    # ------------------------------------------------------------ host tier
+
+    def write(self, slot: int, tokens: int, now: float) -> None:
+        """Copy ``slot``'s first ``tokens`` tokens' blocks not yet on the host to it."""
+        if tokens <= self.host.tokens(slot) or slot in self.writing:
+            return
+        chunks = self._chunks(self.host.written_blocks(slot, self.block_size), tokens)
+        if not self._store(slot, chunks, tokens):
+            return
+        self.writing.add(slot)
+        self.stats["written"] += 1
+        generation = self.generation[slot]
+        self.launch(now, self.pcie, sum(c.nbytes for c in chunks),
+                    lambda t: self._written(slot, tokens, generation))
+
+    def _chunks(self, first: int, tokens: int) -> list[_Blocks]:
+        """Blocks ``first`` on of a sequence's first ``tokens`` tokens: the full ones, then the
+        partial one apart (a later write replaces it)."""
+        full = tokens // self.block_size
+        runs = [(first, full - first), (full, int(tokens % self.block_size > 0))]
+        return [_Blocks(b, n, n * self.block_bytes) for b, n in runs if n > 0]
+
+    def _written(self, slot: int, tokens: int, generation: int) -> None:
+        self.writing.discard(slot)
+        if generation == self.generation[slot]:
+            self.stored[slot] = tokens
+            self.state = tiers.stored(self.state, self._slots([slot]), self._values([tokens]))
+        self.idle = False
+
+    def _store(self, slot: int, chunks: list[_Blocks], tokens: int) -> bool:
+        try:
+            evicted = self.host.extend(slot, chunks, tokens, protect=self.prefetching)
+        except HostTierFull:
+            self._lose([slot])
+            return False
+        self._lose([key for key, _ in evicted])
+        return True
+
+    def _lose(self, slots: list[int]) -> None:
+        if not slots:
+            return
+        for slot in slots:
+            self._forget(slot)
+        self.stats["lost"] += len(slots)
+        self.state = tiers.lost(self.state, self._slots(slots))
+
+    def _forget(self, slot: int) -> None:
+        self.host.drop(slot)
+        self.generation[slot] += 1
+        self.stored[slot] = 0
+        for pending in (self.writing, self.arriving, self.to_prefetch, self.prefetching):
+            pending.discard(slot)
+
+    def _slots(self, slots: list[int]) -> jax.Array:
+        R = self.config.scheduler.slots
+        return jnp.asarray(padded(slots, R, R))
+
+    def _values(self, values: list[int]) -> jax.Array:
+        return jnp.asarray(padded(values, self.config.scheduler.slots, 0))
+
+    # ------------------------------------------------------------ migration
+
+    def idle_slot(self, session_id: int) -> int | None:
+        """The slot holding idle ``session_id``'s K,V here (None: none, or not idle)."""
+        held = np.flatnonzero(self.slot_session == session_id)
+        if not len(held):
+            return None
+        slot = int(held[0])
+        status = int(jax.device_get(self.state.requests.status[slot]))
+        if status != S.FINISHED or self.slot_request[slot] >= 0 or slot in self.prefetching:
+            return None
+        return slot
+
+    def session_tokens(self, slot: int) -> int:
+        cached = int(jax.device_get(self.state.cached_tokens[slot]))
+        return max(cached, self.host.tokens(slot))
+
+    def import_session(self, session_id: int, tokens: int) -> int | None:
+        """Adopt an empty slot for ``session_id`` whose K,V (``tokens``) is on its way to this
+        host tier; returns the slot, or None (no empty slot, no room)."""
+        self.drop_session(session_id)
+        status = np.asarray(jax.device_get(self.state.requests.status))
+        empty = np.flatnonzero((status == S.EMPTY) & (self.slot_request < 0))
+        if not len(empty):
+            return None
+        slot = int(empty[0])
+        self.state = tiers.adopt(self.state, self._slots([slot]), self._values([session_id]),
+                                 self.clock)
+        self._forget(slot)
+        self.slot_session[slot] = session_id
+        if not self._store(slot, self._chunks(0, tokens), tokens):
+            return None
+        self.arriving.add(slot)
+        return slot
+
+    def imported(self, slot: int, tokens: int, generation: int) -> None:
+        """A migration into ``slot`` reached the host tier: stored, then prefetched."""
+        self.arriving.discard(slot)
+        if generation != self.generation[slot]:
+            return
+        self.stored[slot] = tokens
+        self.state = tiers.stored(self.state, self._slots([slot]), self._values([tokens]))
+        self.to_prefetch.add(slot)
+        self.idle = False
+
+    def prefetch(self, now: float, instant: bool = False) -> None:
+        """Copy migrated sessions into free blocks, in slot order while they fit."""
+        need = lambda slot: -(-int(self.stored[slot]) // self.block_size)
+        slots = [s for s in sorted(self.to_prefetch) if need(s) <= self.free_blocks]
+        if not slots:
+            return
+        self.state, granted = tiers.prefetch(self.state, self._slots(slots))
+        for slot, ok in zip(slots, np.asarray(granted).tolist()):
+            if not ok:
+                continue
+            self.to_prefetch.discard(slot)
+            self.prefetching.add(slot)
+            self.stats["prefetched"] += 1
+            self.free_blocks -= need(slot)
+            nbytes = 0 if instant else need(slot) * self.block_bytes
+            generation = self.generation[slot]
+            self.launch(now, self.pcie, nbytes,
+                        functools.partial(self._prefetched, slot, generation))
+
+    def _prefetched(self, slot: int, generation: int, t: float) -> None:
+        if generation == self.generation[slot] and slot in self.prefetching:
+            self.prefetching.discard(slot)
+            self.state = tiers.loaded(self.state, self._slots([slot]))
+        self.idle = False
+
+    def drop_session(self, session_id: int) -> None:
+        """Free idle ``session_id``'s K,V here (device and host tier)."""
+        slot = self.idle_slot(session_id)
+        if slot is None:
+            return
+        self.state = admission.abort(self.state, self._slots([slot]))
+        self.slot_session[slot] = S.NO_SESSION
+        self._forget(slot)
+
+    # ------------------------------------------------------------ records
+
+    def progress(self) -> dict[int, tuple[int, int, int]]:
+        """Each admitted unfinished request's (tokens generated, prompt tokens computed,
+        history tokens recomputed) so far."""
+        r = self.state.requests
+        generated, computed, recomputed = (np.asarray(a) for a in jax.device_get(
+            (r.num_generated, r.computed, r.recomputed_history)))
+        return {request.request_id: (int(generated[request.slot]), int(computed[request.slot]),
+                                     int(recomputed[request.slot]))
+                for request in self.requests.values()}
+
+    @property
+    def device_bytes(self) -> int:
+        return (self.config.cache.num_device_blocks - 1 - self.free_blocks) * self.block_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host.used_bytes

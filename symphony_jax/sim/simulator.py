@@ -1,0 +1,347 @@
+"""A discrete-event simulator of a cluster, on the real scheduler and placement policies.
+
+``simulate(schedule, system, config, cost)`` serves a workload schedule the way ``cluster.run``
+does, with simulated nodes (``sim.node``: the engine's jitted scheduler state machine, a cost
+model instead of the model) and simulated links (``sim.network``: each node's PCIe link and
+network interface, bandwidth shared by concurrent flows). The global scheduler, placements,
+systems and advisory handling are the real cluster's (``symphony_jax.cluster``), and the
+result is the same ``ClusterRecords`` (without per-token times), so the metrics and figures
+work on either.
+
+Events: arrivals and advisories (the schedule's, and those its closed loop triggers when a
+request finishes), flow completions, and nodes' reports (first tokens, finishes), each applied
+at its time. Nodes step independently: the node whose next step starts first runs steps back
+to back, in one jitted call, up to the *horizon* — the next event, and no later than any other
+node's clock plus the schedule's reaction time (the least delay between a finish and what it
+triggers), since a finish elsewhere could send this node a request no earlier. So no node ever
+starts a step after an event that could change it: the decisions are the ones a node stepping
+in lockstep with the others would make, however long the runs.
+
+Migration under ``hints="migrate"`` or ``fetch_on_request``: the session's K,V moves from the
+node holding it (its host tier or device) over both nodes' network interfaces into the
+destination's host tier, then over its PCIe link into free blocks; ``free_migration`` makes
+both instant.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import math
+
+import numpy as np
+
+from symphony_jax import metrics
+from symphony_jax.cluster.global_scheduler import GlobalScheduler, KVLocation
+from symphony_jax.cluster.records import ClusterRecords, step_records, transfer_records
+from symphony_jax.cluster.systems import System, node_engine, system as get_system
+from symphony_jax.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from symphony_jax.progress import bar as progress_bar
+from symphony_jax.sim.cost_model import Geometry
+from symphony_jax.sim.hardware import GPU
+from symphony_jax.sim.network import Network
+from symphony_jax.sim.node import SimNode, SimRequest, Stretch
+from symphony_jax.workloads.schedule import ARRIVAL, Events, Schedule
+
+REPORT, ADVISORY, ARRIVING = 0, 1, 2  # event kinds; at equal times in this order
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    """``num_nodes`` nodes, each with ``engine``'s scheduler and pools (scaled by the system's
+    ``memory_scale``), a PCIe link of ``pcie_bandwidth`` and a network interface of
+    ``nic_bandwidth`` (bytes/s, shared by both directions)."""
+
+    engine: EngineConfig
+    num_nodes: int = 2
+    pcie_bandwidth: float = 25e9
+    nic_bandwidth: float = 12.5e9
+
+    def __post_init__(self):
+        if not isinstance(self.engine, EngineConfig):
+            raise ValueError(f"SimConfig.engine={self.engine!r}: expected an EngineConfig")
+        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or \
+                self.num_nodes < 1:
+            raise ValueError(f"SimConfig.num_nodes={self.num_nodes!r}: expected an integer >= 1")
+        for field in ("pcie_bandwidth", "nic_bandwidth"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"SimConfig.{field}={value!r}: expected a number > 0 (bytes/s)")
+
+
+    @classmethod
+    def for_gpu(cls, model: ModelConfig, gpu: GPU, scheduler: SchedulerConfig, *,
+                num_nodes: int = 2, block_size: int = 16, memory_utilization: float = 0.9,
+                host_bytes: float = 0.0) -> SimConfig:
+        """Nodes of one ``gpu`` each serving ``model``: K,V blocks in the memory left after
+        the weights (``memory_utilization`` of the GPU's), a host tier of ``host_bytes``
+        (0: as large as the device pool, for systems that need one), the GPU's links."""
+        geometry = Geometry.of(model)
+        block_bytes = model.kv_bytes_per_token() * block_size
+        free = gpu.memory_bytes * memory_utilization - geometry.weight_bytes
+        if free < block_bytes * (scheduler.max_model_len // block_size + 1):
+            raise ValueError(f"SimConfig.for_gpu: {model} leaves {free / 2**30:.1f} GiB of a "
+                             f"{gpu.name} for K,V, less than one sequence of max_model_len="
+                             f"{scheduler.max_model_len}")
+        cache = CacheConfig(block_size=block_size, num_device_blocks=int(free // block_bytes) + 1,
+                            num_host_blocks=int(host_bytes // block_bytes))
+        return cls(EngineConfig(model, cache, scheduler), num_nodes, gpu.pcie_bandwidth,
+                   gpu.nic_bandwidth)
+
+
+@dataclasses.dataclass
+class _Migration:
+    session_id: int
+    src: int
+    dst: int
+    nbytes: int
+    start_s: float
+    request_id: int = -1
+    end_s: float = math.nan
+
+
+def reaction_s(schedule: Schedule) -> float:
+    """The least delay between a request's finish and an event it triggers (inf: none)."""
+    rows = np.arange(schedule.num_rows)
+    events = schedule.after_finish(rows, np.zeros(len(rows)))
+    return float(events.time_s.min()) if len(events) else math.inf
+
+
+class Simulator:
+    def __init__(self, schedule: Schedule, system: str | System, config: SimConfig, cost):
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"simulate: schedule={schedule!r}: expected a workloads Schedule")
+        if not callable(getattr(cost, "step_time", None)):
+            raise ValueError(f"simulate: cost={cost!r}: expected a cost model with step_time")
+        self.schedule, self.system, self.config = schedule, get_system(system), config
+        engine = node_engine(config.engine, self.system)
+        self.free = self.system.free_migration
+        links = {}
+        for i in range(config.num_nodes):
+            links[f"pcie{i}"] = config.pcie_bandwidth
+            links[f"nic{i}"] = config.nic_bandwidth
+        self.network = Network(links)
+        self.nodes = [SimNode(i, engine, self.system.policy, cost, self._launch)
+                      for i in range(config.num_nodes)]
+        self.scheduler = GlobalScheduler(self.system, config.num_nodes,
+                                         step_tokens=engine.scheduler.max_num_batched_tokens,
+                                         step_seqs=engine.scheduler.max_num_seqs)
+        self.reaction = reaction_s(schedule)
+        self.events: list[tuple[float, int, int, object]] = []
+        self.serial = 0
+        self.requests: dict[int, SimRequest] = {}  # by schedule row
+        self.history: dict[int, int] = {}  # each session's tokens so far
+        self.running: dict[int, SimRequest] = {}
+        self.queued: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self.advised_at: dict[int, float] = {}
+        self.migrating: dict[int, _Migration] = {}  # by session
+        self.migrations: list[_Migration] = []
+        self.unclaimed: dict[int, list[_Migration]] = {}
+        self.steps: list[tuple[float, int, int, int, int]] = []
+        self.ended = 0
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self, until_s: float = math.inf, progress: bool = False) -> ClusterRecords:
+        """Serve the schedule until every request ended, or until ``until_s`` (simulated s)."""
+        self._push(self.schedule.initial_events())
+        bar = progress_bar(self.schedule.num_rows, progress)
+        while self.ended < self.schedule.num_rows:
+            ready = [n for n in self.nodes if n.busy and not n.idle and not n.waiting_on]
+            node = min(ready, key=lambda n: n.clock, default=None)
+            t_event = min(self.events[0][0] if self.events else math.inf,
+                          self.network.next_completion())
+            if min(t_event, node.clock if node else math.inf) >= until_s:
+                break
+            if node is None or t_event <= node.clock:
+                if t_event == math.inf:
+                    raise RuntimeError(self._stuck())
+                before = self.ended
+                self._handle(t_event)
+                bar.update(self.ended - before)
+                continue
+            others = min((n.clock for n in ready if n is not node), default=math.inf)
+            self._step(node, min(t_event, others + self.reaction))
+        bar.close()
+        return self.records()
+
+    def _step(self, node: SimNode, horizon: float) -> None:
+        node.prefetch(node.clock, instant=self.free)
+        for request in node.admit(node.clock):
+            self._report(node.clock, ("end", request))
+        if not node.requests:  # its requests wait for K,V on its way here (or none left)
+            node.idle = all(node.held(r.session_id) for r in node.pending)
+            return
+        self._reports(node, node.run(horizon), node.clock)
+
+    def _reports(self, node: SimNode, out: Stretch, end: float) -> None:
+        start = end - float(out.elapsed)
+        for slot in np.flatnonzero(np.isfinite(out.first_token)):
+            request = node.requests.get(int(node.slot_request[slot]))
+            if request is not None:
+                self._report(start + float(out.first_token[slot]), ("first", request))
+        for request in node.finished(out):
+            self._report(end, ("end", request))
+        load = len(node.requests) + len(node.pending)
+        self.steps.append((end, node.index, load, node.device_bytes, node.host_bytes))
+
+    def _launch(self, time_s: float, path: tuple[str, ...], nbytes: int, on_done) -> None:
+        """Start a copy at ``time_s`` (a node's clock may be ahead of the events applied)."""
+        self._report(time_s, ("copy", (path, nbytes, on_done)))
+
+    def _report(self, time_s: float, what) -> None:
+        heapq.heappush(self.events, (time_s, REPORT, self.serial, what))
+        self.serial += 1
+
+    def _push(self, events: Events) -> None:
+        for t, kind, row, session in zip(events.time_s, events.kind, events.row,
+                                         events.session_id):
+            arriving = kind == ARRIVAL
+            heapq.heappush(self.events, (float(t), ARRIVING if arriving else ADVISORY,
+                                         self.serial, int(row) if arriving else int(session)))
+            self.serial += 1
+
+    def _handle(self, t: float) -> None:
+        """Apply the events at ``t`` (flows first, then reports, advisories, arrivals)."""
+        idle = {n.index for n in self.nodes if n.idle or n.waiting_on}
+        self.network.advance(t)
+        while self.events and self.events[0][0] <= t:
+            _, kind, _, what = heapq.heappop(self.events)
+            if kind == REPORT:
+                self._on_report(t, *what)
+            elif kind == ADVISORY:
+                self._on_advisory(t, what)
+            else:
+                self._on_arrival(t, what)
+        for node in self.nodes:  # woken by what happened: its next step starts now
+            if node.index in idle and not node.idle and not node.waiting_on:
+                node.clock = max(node.clock, t)
+
+    # ------------------------------------------------------------ events
+
+    def _on_arrival(self, t: float, row: int) -> None:
+        w = self.schedule.workload
+        session = int(w.session_id[row])
+        history = self.history.get(session, 0)
+        request = SimRequest(row, session, int(w.turn_index[row]),
+                             history + int(w.input_tokens[row]), history,
+                             int(w.output_tokens[row]), t, self.advised_at.pop(session, math.nan))
+        self.requests[row] = request
+        for m in self.unclaimed.pop(session, []):
+            m.request_id = row
+        if session in self.running:
+            self.queued[session].append(request)
+        else:
+            self._dispatch(request, t)
+
+    def _dispatch(self, request: SimRequest, t: float) -> None:
+        session = request.session_id
+        index = self.scheduler.place(session, t)
+        if self.system.fetch_on_request:
+            self._migrate(session, index, t)
+        here = self.scheduler.kv_node(session, t) == index
+        kept = self.scheduler.where[session].tokens if here else 0
+        request.node, request.prefill_estimate = index, request.prompt_len - kept
+        node = self.nodes[index]
+        if not node.busy:
+            node.clock = max(node.clock, t)
+        node.submit(request)
+        self.running[session] = request
+        self.scheduler.started(index, request.prefill_estimate)
+
+    def _on_report(self, t: float, what: str, request) -> None:
+        if what == "copy":
+            path, nbytes, on_done = request
+            self.network.start(path, nbytes, t, on_done)
+            return
+        if what == "first":
+            request.first_token_s = t
+            self.scheduler.first_token(request.node, request.prefill_estimate)
+            return
+        session = request.session_id
+        decoding = not math.isnan(request.first_token_s)
+        self.scheduler.ended(request.node, request.prefill_estimate, decoding)
+        del self.running[session]
+        self.ended += 1
+        if not request.finish_reason.startswith("rejected"):
+            self.history[session] = request.prompt_len + request.max_new_tokens
+            self.scheduler.kept(session, request.node, self.history[session] - 1, t)
+        else:
+            request.finish_s = math.nan
+        self._push(self.schedule.after_finish([request.request_id], [t]))
+        if self.queued[session]:
+            self._dispatch(self.queued[session].popleft(), t)
+
+    def _on_advisory(self, t: float, session: int) -> None:
+        self.advised_at.setdefault(session, t)
+        if self.system.hints == "migrate" and session not in self.running:
+            self._migrate(session, self.scheduler.advise(session), t)
+
+    def _migrate(self, session: int, dst: int, t: float) -> None:
+        """Start moving ``session``'s K,V to node ``dst`` if another node holds it."""
+        src = self.scheduler.kv_node(session, t)
+        if src < 0 or src == dst or session in self.migrating:
+            return
+        slot = self.nodes[src].idle_slot(session)
+        if slot is None:
+            return
+        tokens = self.nodes[src].session_tokens(slot)
+        target = self.nodes[dst]
+        dst_slot = target.import_session(session, tokens) if tokens else None
+        if dst_slot is None:
+            return
+        self.scheduler.where[session] = KVLocation(dst, tokens)
+        nbytes = -(-tokens // target.block_size) * target.block_bytes
+        migration = _Migration(session, src, dst, nbytes, t)
+        self.migrating[session] = migration
+        self.migrations.append(migration)
+        self.unclaimed.setdefault(session, []).append(migration)
+        generation = int(target.generation[dst_slot])
+
+        def arrived(end: float) -> None:
+            migration.end_s = end
+            del self.migrating[session]
+            target.imported(dst_slot, tokens, generation)
+            self.nodes[src].drop_session(session)
+            target.prefetch(end, instant=self.free)
+
+        self.network.start((f"nic{src}", f"nic{dst}"), 0 if self.free else nbytes, t, arrived)
+
+    def _stuck(self) -> str:
+        waiting = {n.index: len(n.requests) + len(n.pending) for n in self.nodes if n.busy}
+        return (f"simulate: {self.schedule.num_rows - self.ended} requests can never run "
+                f"(requests per node: {waiting}); a request may need more K,V than a node holds")
+
+    # ------------------------------------------------------------ records
+
+    def records(self) -> ClusterRecords:
+        rs = [self.requests[row] for row in sorted(self.requests)]
+        done = [r.finish_reason == "length" for r in rs]
+        so_far = {}  # unfinished requests: (generated, computed, recomputed)
+        for node in self.nodes:
+            so_far.update(node.progress())
+        counts = [(r.max_new_tokens, r.prefill_tokens, r.recomputed_tokens) if ok else
+                  so_far.get(r.request_id, (0, r.prefill_tokens, r.recomputed_tokens))
+                  for r, ok in zip(rs, done)]
+        requests = metrics.RequestRecords(
+            request_id=[r.request_id for r in rs], session_id=[r.session_id for r in rs],
+            turn_index=[r.turn_index for r in rs],
+            node=[r.node if r.finish_reason is None or ok else -1 for r, ok in zip(rs, done)],
+            arrival_s=[r.arrival_s for r in rs], advisory_s=[r.advisory_s for r in rs],
+            first_token_s=[r.first_token_s for r in rs],
+            finish_s=[r.finish_s if ok else math.nan for r, ok in zip(rs, done)],
+            input_tokens=[r.prompt_len for r in rs],
+            output_tokens=[c[0] for c in counts], prefill_tokens=[c[1] for c in counts],
+            recomputed_tokens=[c[2] for c in counts])
+        return ClusterRecords(requests, None, step_records(self.steps),
+                              transfer_records(self.migrations))
+
+
+def simulate(schedule: Schedule, system: str | System, config: SimConfig, cost, *,
+             until_s: float = math.inf, progress: bool = False) -> ClusterRecords:
+    """Serve ``schedule`` with ``system`` on a simulated cluster of ``config``, each step
+    taking ``cost.step_time(query_lens, context_lens)`` seconds, until every request ended or
+    ``until_s``; returns its records (request ids are the schedule's rows; requests that had
+    not arrived by ``until_s`` are absent, those unfinished have no finish time)."""
+    return Simulator(schedule, system, config, cost).run(until_s, progress)

@@ -1,0 +1,194 @@
+"""The simulator: links, determinism, conservation, hand-computed latency, memory bounds, and the
+same batching decisions as the real engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
+from symphony_jax.scheduler import state as S
+from symphony_jax.sim.network import Network
+from symphony_jax.sim.simulator import SimConfig, reaction_s, simulate
+from symphony_jax.workloads import (ShareGPTLike, ThinkTime, Workload, closed_loop, open_loop,
+                                    sharegpt_like)
+
+CONFIG = EngineConfig(model_preset("tiny"), CacheConfig(block_size=16, num_device_blocks=49),
+                      SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=128,
+                                      max_model_len=512, num_slots=16))
+CHAT = ShareGPTLike(mean_input_tokens=24, mean_output_tokens=16, max_context_tokens=448)
+THINK = ThinkTime(reading_wpm=7_200, typing_wpm=5_400)
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """A cost model simple enough to add up by hand: fixed time per step and per token."""
+
+    per_step: float = 1e-3
+    per_token: float = 1e-5
+
+    def step_time(self, query_lens, context_lens):
+        return self.per_step + self.per_token * jnp.sum(query_lens).astype(jnp.float32)
+
+
+def chat(sessions=8, users=4, seed=0):
+    return closed_loop(sharegpt_like(sessions, CHAT, seed=seed), users, think=THINK,
+                       stagger_s=0.05, seed=seed)
+
+
+# ------------------------------------------------------------------ links
+
+def test_two_flows_share_a_link_and_each_runs_at_half_rate():
+    net, done = Network({"a": 100.0, "b": 50.0}), {}
+    net.start(("a",), 100.0, 0.0, lambda t: done.setdefault("first", t))
+    net.start(("a",), 100.0, 0.0, lambda t: done.setdefault("second", t))
+    net.advance(10.0)
+    assert done == pytest.approx({"first": 2.0, "second": 2.0})  # 50 B/s each
+    # One flow alone, then a second joins halfway: 50 B alone (0.5 s), then 50 B at half rate.
+    net.start(("a",), 100.0, 10.0, lambda t: done.setdefault("third", t))
+    net.start(("a", "b"), 10.0, 10.5, lambda t: done.setdefault("fourth", t))
+    net.advance(20.0)
+    assert done["fourth"] == pytest.approx(10.7)  # min(100/2, 50/1) = 50 B/s
+    assert done["third"] == pytest.approx(10.5 + 10 / 50 + 40 / 100)
+    assert net.moved["a"] == pytest.approx(310.0)
+
+
+def test_network_rejects_bad_links_and_backwards_time():
+    with pytest.raises(ValueError, match="'x' bandwidth"):
+        Network({"x": 0.0})
+    net = Network({"a": 1.0})
+    with pytest.raises(ValueError, match="path"):
+        net.start(("b",), 1.0, 0.0, lambda t: None)
+    net.advance(5.0)
+    with pytest.raises(ValueError, match="time runs forward"):
+        net.advance(1.0)
+
+
+# ------------------------------------------------------------------ one request by hand
+
+def test_a_single_request_takes_the_cost_models_sum():
+    """One 40-token prompt, 5 output tokens, chunks of 16 tokens: 3 prefill steps (16, 16, 8
+    tokens; the last samples the first token) and 4 decode steps."""
+    config = dataclasses.replace(CONFIG, scheduler=dataclasses.replace(
+        CONFIG.scheduler, max_num_batched_tokens=16))
+    w = Workload(session_id=[0], input_tokens=[40], output_tokens=[5], arrival_s=[0.25])
+    cost = Linear()
+    records = simulate(open_loop(w), "recompute", SimConfig(config, 1), cost)
+    r = records.requests
+    prefill = 3 * cost.per_step + 40 * cost.per_token
+    decode = 4 * (cost.per_step + cost.per_token)
+    assert r.first_token_s[0] == pytest.approx(0.25 + prefill, rel=1e-5)
+    assert r.finish_s[0] == pytest.approx(0.25 + prefill + decode, rel=1e-5)
+    assert (r.prefill_tokens[0], r.output_tokens[0], r.node[0]) == (40, 5, 0)
+
+
+# ------------------------------------------------------------------ runs
+
+@pytest.mark.parametrize("name", ["recompute", "symphony"])
+def test_deterministic_and_conserving(name):
+    schedule = chat()
+    config = SimConfig(CONFIG, num_nodes=2)
+    first = simulate(schedule, name, config, Linear())
+    again = simulate(schedule, name, config, Linear())
+    for a, b in zip(dataclasses.astuple(first.requests), dataclasses.astuple(again.requests)):
+        np.testing.assert_array_equal(a, b)
+    r, w = first.requests, schedule.workload
+    # Every request finished exactly once, with its workload's output length.
+    np.testing.assert_array_equal(np.sort(r.request_id), np.arange(schedule.num_rows))
+    assert np.isfinite(r.finish_s).all()
+    np.testing.assert_array_equal(r.output_tokens, w.output_tokens[r.request_id])
+    assert (r.first_token_s >= r.arrival_s).all() and (r.finish_s >= r.first_token_s).all()
+    # A turn's prompt is its session's history plus its input.
+    order = np.lexsort((w.turn_index, w.session_id))
+    context = np.zeros(schedule.num_rows, np.int64)
+    for row in order:
+        prev = order[np.flatnonzero(order == row)[0] - 1]
+        continues = w.turn_index[row] > 0
+        context[row] = (context[prev] + w.input_tokens[prev] + w.output_tokens[prev]
+                        if continues else 0)
+    np.testing.assert_array_equal(r.input_tokens, context[r.request_id] + w.input_tokens[
+        r.request_id])
+    # Memory never exceeds a node's pool; migrated bytes are whole blocks of the sessions.
+    block_bytes = CONFIG.model.kv_bytes_per_token() * CONFIG.cache.block_size
+    assert first.steps.device_bytes.max() <= (CONFIG.cache.num_device_blocks - 1) * block_bytes
+    m = first.transfers
+    assert (m.bytes % block_bytes == 0).all() and (m.end_s >= m.start_s).all()
+    if name == "recompute":
+        assert len(m) == 0 and r.recomputed_tokens.sum() > 0
+    else:
+        assert len(m) > 0
+        assert r.recomputed_tokens.sum() < simulate(schedule, "recompute", config,
+                                                    Linear()).requests.recomputed_tokens.sum()
+
+
+def test_reaction_time_of_a_closed_loop_is_its_least_think_time():
+    schedule = chat()
+    events = schedule.after_finish(np.arange(schedule.num_rows), np.zeros(schedule.num_rows))
+    assert reaction_s(schedule) == pytest.approx(events.time_s.min()) and reaction_s(schedule) > 0
+    w = Workload(session_id=[0], input_tokens=[4], output_tokens=[2], arrival_s=[0.0])
+    assert reaction_s(open_loop(w)) == math.inf
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="num_nodes"):
+        SimConfig(CONFIG, num_nodes=0)
+    with pytest.raises(ValueError, match="nic_bandwidth"):
+        SimConfig(CONFIG, nic_bandwidth=-1.0)
+    with pytest.raises(ValueError, match="engine"):
+        SimConfig("tiny")
+    with pytest.raises(ValueError, match="schedule"):
+        simulate("trace.csv", "recompute", SimConfig(CONFIG), Linear())
+    with pytest.raises(ValueError, match="cost"):
+        simulate(chat(), "recompute", SimConfig(CONFIG), 1e-3)
+    with pytest.raises(ValueError, match="unknown system"):
+        simulate(chat(), "vllm", SimConfig(CONFIG), Linear())
+
+
+# ------------------------------------------------------------------ against the real engine
+
+def test_same_batching_decisions_as_the_real_engine():
+    """Twelve requests at once on a pool that cannot hold them all (chunked prefill,
+    preemption by recompute): the engine's plans, step by step, are the simulated node's."""
+    from symphony_jax.engine.engine import Engine
+    from symphony_jax.engine.sampling import SamplingParams
+    from symphony_jax.model.params import init_params
+
+    config = dataclasses.replace(CONFIG, cache=dataclasses.replace(CONFIG.cache,
+                                                                   num_device_blocks=17))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, 60, 12)
+    outputs = rng.integers(2, 30, 12)
+    engine = Engine(config, init_params(config.model, jax.random.key(0)), admit_batch=16,
+                    record_steps=True)
+    for i, (p, o) in enumerate(zip(prompts, outputs)):
+        engine.add_request(list(range(1, p + 1)), SamplingParams(max_tokens=int(o),
+                                                                 ignore_eos=True),
+                           session_id=i)
+    while engine.has_unfinished():
+        engine.step()
+    engine_plans = [(q, c) for _, q, c in engine.step_log if q.any()]
+
+    from symphony_jax.scheduler.policy import Policy
+    from symphony_jax.sim.node import SimNode, SimRequest
+
+    node = SimNode(0, config, Policy(), Linear(), lambda *a: None)
+    for i, (p, o) in enumerate(zip(prompts, outputs)):
+        node.submit(SimRequest(i, i, 0, int(p), 0, int(o), 0.0))
+    assert node.admit(0.0) == []
+    sim_plans = []
+    while node.requests:
+        out = node.run(math.inf, max_steps=1)
+        sim_plans.append((out.query_lens, out.cached_before))
+        node.finished(out)
+    assert len(sim_plans) == len(engine_plans) > len(prompts)
+    for step, ((q, context), (sim_q, cached_before)) in enumerate(zip(engine_plans, sim_plans)):
+        np.testing.assert_array_equal(q, sim_q, err_msg=f"step {step}")
+        np.testing.assert_array_equal(context[q > 0], cached_before[sim_q > 0],
+                                      err_msg=f"step {step}")
+    assert int(jax.device_get(node.state.requests.preemptions).sum()) > 0
+    assert (np.asarray(jax.device_get(node.state.requests.status)) != S.RUNNING).all()

@@ -1,0 +1,131 @@
+"""Real-engine check: the main comparison at small scale on the real cluster (fake CPU devices,
+the ``tiny`` model) next to the simulator on the same workload.
+
+The real cluster serves a closed-loop chat schedule in real time; the simulator — the same
+scheduler and placement, a cost model instead of the model — serves the same schedule. Its cost
+model is ``Calibrated``, fitted to the steps the real engines recorded
+(``Engine(record_steps=True)``: each step's batch and the time to the next step, with the
+engine's padding of batches to shape buckets) while serving another schedule of the same
+workload (another seed), so the comparison is on requests the fit never saw. Every real run is
+preceded by an untimed one that compiles what it meets. Needs as many JAX devices as nodes
+(``--xla_force_host_platform_device_count``).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from symphony_jax import metrics
+from symphony_jax.cluster.cluster import Cluster, ClusterConfig
+from symphony_jax.cluster.replay import replay
+from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
+from symphony_jax.figures.common import Figure, table, write
+from symphony_jax.model.params import init_params
+from symphony_jax.progress import bar as progress_bar
+from symphony_jax.sim import Geometry, StepSamples, fit
+from symphony_jax.sim.simulator import SimConfig, simulate
+from symphony_jax.workloads import ShareGPTLike, ThinkTime, closed_loop, sharegpt_like
+
+NAME = "real_check"
+CONFIG = EngineConfig(model_preset("tiny"), CacheConfig(block_size=16, num_device_blocks=49),
+                      SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256,
+                                      max_model_len=512, num_slots=32))
+CHAT = ShareGPTLike(mean_input_tokens=48, mean_output_tokens=32, max_context_tokens=448)
+THINK = ThinkTime(reading_wpm=7_200, typing_wpm=5_400)  # about 20x a person's
+LINK_BANDWIDTH = 5e9  # B/s: copies between fake CPU devices are memory copies
+METRICS = (("TTFT", metrics.ttft_s), ("TPOT", metrics.tpot_s), ("e2e", metrics.e2e_latency_s))
+
+
+def schedule_of(seed: int, quick: bool):
+    sessions, users = (8, 4) if quick else (24, 8)
+    return closed_loop(sharegpt_like(sessions, CHAT, seed=seed), users, think=THINK,
+                       stagger_s=1.0, seed=seed)
+
+
+def serve(schedule, system: str, nodes: int, params, record: bool = False):
+    """The real cluster's records and, with ``record``, its engines' step logs."""
+    devices = jax.devices()
+    if len(devices) < nodes:
+        raise ValueError(f"real_check: {nodes} nodes need {nodes} JAX devices, found "
+                         f"{len(devices)} (set XLA_FLAGS=--xla_force_host_platform_device_count"
+                         f"={nodes} before JAX starts)")
+    config = ClusterConfig(CONFIG, num_nodes=nodes, devices=tuple(devices[:nodes]))
+    cluster = Cluster(config, system, params, record_steps=record)
+    records = replay(schedule, cluster)
+    return records, [n.engine.step_log for n in cluster.nodes] if record else []
+
+
+def samples_of(logs) -> StepSamples:
+    """Each logged step that computed something, timed to its engine's next step."""
+    q, c, s = [], [], []
+    for log in logs:
+        times = np.array([t for t, _, _ in log])
+        for (_, query, context), seconds in zip(log[:-1], np.diff(times)):
+            if query.any():
+                q.append(query), c.append(context), s.append(seconds)
+    return StepSamples(np.stack(q), np.stack(c), np.asarray(s))
+
+
+def stats(records) -> dict[str, float]:
+    """Mean and p90 of each of ``METRICS`` over finished requests."""
+    out = {}
+    for name, fn in METRICS:
+        values = fn(records.requests)
+        values = values[np.isfinite(values)]
+        out[f"{name} mean"] = float(values.mean())
+        out[f"{name} p90"] = float(np.percentile(values, 90))
+    return out
+
+
+def compare(quick: bool, nodes=(1, 2), systems=("recompute", "symphony"),
+            progress: bool = False) -> tuple[list[dict], list[str]]:
+    """Rows (nodes, system, metric, real, simulated, error) and a line per fitted model."""
+    params = init_params(CONFIG.model, jax.random.key(0))
+    calibration, evaluation = schedule_of(1, quick), schedule_of(0, quick)
+    rows, fits = [], []
+    bar = progress_bar(len(nodes) * len(systems), progress, unit="case")
+    for n in nodes:
+        logs = []
+        for system in systems:
+            serve(calibration, system, n, params)  # compiles
+            logs += serve(calibration, system, n, params, record=True)[1]
+        samples = samples_of(logs)
+        cost = fit(samples, Geometry.of(CONFIG.model), limits=CONFIG.scheduler)
+        fits.append(f"{n} node(s): fitted to {len(samples)} steps, mean relative error "
+                    f"{cost.fit_error:.1%}")
+        sim_config = SimConfig(CONFIG, n, LINK_BANDWIDTH, LINK_BANDWIDTH)
+        for system in systems:
+            serve(evaluation, system, n, params)  # compiles
+            real = stats(serve(evaluation, system, n, params)[0])
+            sim = stats(simulate(evaluation, system, sim_config, cost))
+            rows += [{"nodes": n, "system": system, "metric": key, "real_s": real[key],
+                      "simulated_s": sim[key], "error": sim[key] / real[key] - 1}
+                     for key in real]
+            bar.update(1)
+    bar.close()
+    return rows, fits
+
+
+def run(out, *, quick: bool = False, seed: int = 0, progress: bool = False,
+        nodes=(1, 2)) -> Figure:
+    rows, fits = compare(quick, nodes, progress=progress)
+    summary = "\n".join([
+        "# Real cluster and simulator on the same workload (tiny model, fake CPU devices)", "",
+        *fits, "", table(rows, ["nodes", "system", "metric", "real_s", "simulated_s",
+                                "error"])])
+
+    def plot(plt):
+        means = [r for r in rows if r["metric"].endswith("mean")]
+        figure, axes = plt.subplots(figsize=(8, 3.5))
+        x = np.arange(len(means))
+        axes.bar(x - 0.2, [1e3 * r["real_s"] for r in means], 0.4, label="real")
+        axes.bar(x + 0.2, [1e3 * r["simulated_s"] for r in means], 0.4, label="simulated")
+        axes.set_xticks(x, [f"{r['nodes']}n {r['system']}\n{r['metric']}" for r in means],
+                        fontsize=6)
+        axes.set(ylabel="ms", yscale="log")
+        axes.legend()
+        figure.tight_layout()
+        return figure
+
+    return write(out, NAME, rows, summary, plot)

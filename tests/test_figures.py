@@ -1,0 +1,107 @@
+"""The figures run end to end at a tiny scale and write what they promise; the quick
+reproduction's headline ordering holds; the CLI names what it rejects."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from symphony_jax import cli
+from symphony_jax.figures import ablations, figure, load_balance, main_result, redundancy
+from symphony_jax.figures.common import SLO_ATTAINMENT, Study
+
+# Two nodes, a minute of users who read and type 20x faster than people.
+TINY = dict(nodes=2, seconds=60.0, warmup_s=10.0, drain_s=10.0, think_speedup=20.0)
+
+
+def rows_of(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_files(result, columns: set[str]) -> list[dict]:
+    assert [p.suffix for p in result.files] == [".csv", ".png", ".md"]
+    assert all(p.stat().st_size > 0 for p in result.files)
+    assert result.files[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = rows_of(result.files[0])
+    assert rows and columns <= set(rows[0])
+    return rows
+
+
+def test_redundancy(tmp_path):
+    result = redundancy.run(tmp_path, quick=True, users=8, **TINY)
+    rows = check_files(result, {"turn_index", "requests", "prefill_tokens",
+                                "recomputed_tokens", "redundant_fraction"})
+    fraction = np.array([float(r["redundant_fraction"]) for r in rows])
+    assert rows[0]["turn_index"] == "0" and fraction[0] == 0  # a first turn has no history
+    assert len(fraction) > 1 and (fraction[1:] > 0.3).all()
+
+
+def test_main_result_load_balance_and_ablations(tmp_path):
+    result = main_result.run(tmp_path, quick=True, systems=("recompute", "symphony"),
+                             users=(4, 8), **TINY)
+    rows = check_files(result, {"model", "system", "users", "normalized_latency_s.mean",
+                                "tpot_s.mean", "ttft_s.p50", "ttft_s.p99", "slo_attainment"})
+    assert {(r["system"], r["users"]) for r in rows} == {
+        (s, u) for s in ("recompute", "symphony") for u in ("4", "8")}
+    assert "max_users" in result.summary and "4x-8x" in result.summary
+    rows = check_files(load_balance.run(tmp_path, quick=True, users=8, **TINY),
+                       {"system", "imbalance_mean", "imbalance_p90", "paper"})
+    assert [r["system"] for r in rows] == list(load_balance.SYSTEMS)
+    rows = check_files(ablations.run(tmp_path, quick=True, users=8, **TINY),
+                       {"case", "throughput_change", "tpot_change", "paper"})
+    assert rows[0]["case"] == "symphony" and float(rows[0]["throughput_change"]) == 0
+    assert {"no layer-wise loading", "10% missing advisories", "60% false advisories",
+            "host tier / 8"} <= {r["case"] for r in rows}
+
+
+@pytest.mark.slow
+def test_quick_reproduction_headline_ordering(tmp_path):
+    """At the quick scale (two points of its sweep), symphony serves more users within the SLO
+    than recompute and at least as many as sticky_offload, and the oracle at least as many as
+    anyone."""
+    result = main_result.run(tmp_path, quick=True, users=(256, 512))
+    rows = [{**r, "users": int(r["users"]), "slo_attainment": float(r["slo_attainment"])}
+            for r in rows_of(result.files[0])]
+    served = {name: main_result.max_users(rows, name, "llama-2-13b")
+              for name in main_result.QUICK_SYSTEMS}
+    assert served["symphony"] > served["recompute"] > 0
+    assert served["symphony"] >= served["sticky_offload"]
+    assert served["oracle"] == max(served.values())
+    assert SLO_ATTAINMENT == 0.9
+
+
+def test_study_and_figure_names_are_checked():
+    with pytest.raises(ValueError, match="unknown figure 'fig9'.*redundancy"):
+        figure("fig9")
+    with pytest.raises(ValueError, match="unknown workload 'alpaca'.*sharegpt"):
+        Study(workload="alpaca")
+    with pytest.raises(ValueError, match="unknown GPU 'V100'"):
+        Study(gpu="V100")
+    with pytest.raises(ValueError, match="unknown model preset"):
+        Study(model="gpt-5")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["reproduce", "fig9"], "unknown figure 'fig9': expected one of redundancy, main_result"),
+    (["simulate", "--system", "vllm", "--users", "4"], "unknown system 'vllm': expected one of"
+                                                      " recompute"),
+    (["simulate", "--system", "symphony", "--users", "4", "--workload", "alpaca"],
+     "unknown workload 'alpaca': expected one of sharegpt, mooncake, ragpulse"),
+    (["bench", "nothing"], "unknown benchmark 'nothing': expected one of"),
+])
+def test_cli_rejects_unknown_names(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_cli_simulate_prints_the_metrics(tmp_path, capsys):
+    out = tmp_path / "requests.csv"
+    assert cli.main(["simulate", "--system", "recompute", "--users", "4", "--nodes", "1",
+                     "--seconds", "30", "--out", str(out)]) == 0
+    assert "ttft_s.mean" in capsys.readouterr().out
+    assert "request_id" in rows_of(out)[0]

@@ -12,6 +12,7 @@ import pytest
 
 from symphony_jax.cluster import SYSTEMS, Cluster, ClusterConfig, System, run, system
 from symphony_jax.cluster import placement
+from symphony_jax.cluster.global_scheduler import ADVISED_FOR_S, GlobalScheduler
 from symphony_jax.cluster.replay import turn_tokens
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
 from symphony_jax.engine.engine import Engine
@@ -237,6 +238,20 @@ def test_placement_policies_are_pure_functions_of_load():
     busy = dataclasses.replace(loads, prefill_tokens=np.array([256, 0, 0, 0]))
     assert placement.cache_aware(busy, 0, 0) == 2
     assert [placement.round_robin(loads, -1, i) for i in range(4)] == [0, 1, 2, 0]
+
+
+def test_advisories_arriving_together_spread_over_nodes():
+    """Each advised request counts in its node's load until it arrives, so simultaneous
+    advisories do not all pick the node that was least loaded before them; a false
+    advisory's count lapses after ADVISED_FOR_S."""
+    scheduler = GlobalScheduler(SYSTEMS["symphony"], 4, step_tokens=64, step_seqs=4)
+    scheduler.started(0, 64)  # node 0 busy
+    picks = [scheduler.advise(session, now=1.0) for session in range(6)]
+    assert sorted(picks) == [1, 1, 2, 2, 3, 3]  # node 0's prefill outweighs two advised each
+    assert scheduler.advise(2, now=2.0) == picks[2]  # a repeated advisory keeps its pick
+    assert scheduler.place(2, now=3.0) == picks[2]  # the request goes where it was advised
+    later = scheduler.loads(now=1.0 + ADVISED_FOR_S)
+    assert later.decoding.tolist() == [0, 0, 0, 0]  # the others never came: their counts lapse
 
 
 def test_systems_and_configs_reject_bad_input(params):

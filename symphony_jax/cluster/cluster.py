@@ -325,7 +325,7 @@ class Cluster:
         for _, _, _, session in pending:
             if session in self.running:
                 continue  # its K,V is in use; the request will follow it
-            self._migrate(session, self.scheduler.advise(session))
+            self._migrate(session, self.scheduler.advise(session, self.now()))
 
     def _migrate(self, session: int, dst: int) -> None:
         """Start moving ``session``'s K,V to node ``dst`` if another live node holds it."""

@@ -5,7 +5,9 @@ kept there) and each node's queued work (``placement.NodeLoads``), and applies t
 placement policy. With ``hints="migrate"`` an advisory picks the node for the session's next
 request ahead of it (by the placement policy at that moment, wherever the K,V is: it is about
 to move): the request goes there if that node is still alive, whatever the load is by then —
-the K,V is on its way there.
+the K,V is on its way there. Until then that request counts in the node's load as a request
+generating (for ``ADVISED_FOR_S`` at most: a false advisory's request never comes), so that
+advisories arriving together do not all pick the node that was least loaded before them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from symphony_jax.cluster.placement import PLACEMENTS, NodeLoads
 from symphony_jax.cluster.systems import System
 
+ADVISED_FOR_S = 60.0  # an advised request counts in its node's load this long at most
 
 @dataclasses.dataclass
 class KVLocation:
@@ -31,15 +34,18 @@ class GlobalScheduler:
         self.system, self.place_fn = system, PLACEMENTS[system.placement]
         self.step_tokens, self.step_seqs = step_tokens, step_seqs
         self.where: dict[int, KVLocation] = {}
-        self.advised: dict[int, int] = {}  # session -> node picked by its advisory
+        self.advised: dict[int, tuple[int, float]] = {}  # session -> (node picked, when)
         self.prefill = np.zeros(num_nodes, np.int64)
         self.decoding = np.zeros(num_nodes, np.int64)
         self.alive = np.ones(num_nodes, bool)
         self.placed = 0
 
-    def loads(self) -> NodeLoads:
-        return NodeLoads(self.prefill.copy(), self.decoding.copy(), self.alive.copy(),
-                         self.step_tokens, self.step_seqs)
+    def loads(self, now: float) -> NodeLoads:
+        """Each node's queued prompt tokens and requests generating, advised ones included."""
+        expected = [node for node, at in self.advised.values() if now - at < ADVISED_FOR_S]
+        decoding = self.decoding + np.bincount(expected, minlength=len(self.decoding))
+        return NodeLoads(self.prefill.copy(), decoding, self.alive.copy(), self.step_tokens,
+                         self.step_seqs)
 
     def kv_node(self, session_id: int, now: float) -> int:
         """The live node holding ``session_id``'s K,V (-1: none)."""
@@ -50,19 +56,20 @@ class GlobalScheduler:
 
     def place(self, session_id: int, now: float) -> int:
         """The node for ``session_id``'s request arriving now."""
-        node = self.advised.pop(session_id, -1)
+        node, _ = self.advised.pop(session_id, (-1, now))
         if node < 0 or not self.alive[node]:
-            node = self.place_fn(self.loads(), self.kv_node(session_id, now), self.placed)
+            node = self.place_fn(self.loads(now), self.kv_node(session_id, now), self.placed)
         self.placed += 1
         return node
 
-    def advise(self, session_id: int) -> int:
+    def advise(self, session_id: int, now: float) -> int:
         """Pick the node for ``session_id``'s next request now (a repeated advisory keeps the
         first pick while its node lives)."""
-        node = self.advised.get(session_id, -1)
+        node, _ = self.advised.get(session_id, (-1, now))
         if node < 0 or not self.alive[node]:
-            node = self.place_fn(self.loads(), -1, self.placed)
-            self.advised[session_id] = node
+            self.advised.pop(session_id, None)
+            node = self.place_fn(self.loads(now), -1, self.placed)
+            self.advised[session_id] = (node, now)
         return node
 
     # ------------------------------------------------------------ accounting
@@ -94,5 +101,5 @@ class GlobalScheduler:
         lost = [s for s, loc in self.where.items() if loc.node == node]
         for s in lost:
             del self.where[s]
-        self.advised = {s: n for s, n in self.advised.items() if n != node}
+        self.advised = {s: pick for s, pick in self.advised.items() if pick[0] != node}
         return lost

@@ -276,7 +276,7 @@ class Simulator:
     def _on_advisory(self, t: float, session: int) -> None:
         self.advised_at.setdefault(session, t)
         if self.system.hints == "migrate" and session not in self.running:
-            self._migrate(session, self.scheduler.advise(session), t)
+            self._migrate(session, self.scheduler.advise(session, t), t)
 
     def _migrate(self, session: int, dst: int, t: float) -> None:
         """Start moving ``session``'s K,V to node ``dst`` if another node holds it."""

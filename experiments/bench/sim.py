@@ -52,7 +52,7 @@ def measure(name: str, quick: bool) -> dict[str, float]:
     start = time.perf_counter()
     records = sim.run(until_s=until)
     wall = time.perf_counter() - start
-    steps = sum(n.stats["steps"] for n in sim.nodes)
+    steps = sum(n.steps for n in sim.nodes)
     finished = int(records.summary()["finished"])
     return {"wall": wall, "speed": until / wall, "steps": steps / wall, "finished": finished,
             "requests": len(records.requests)}

@@ -34,7 +34,7 @@ from symphony_jax import metrics
 from symphony_jax.cluster.global_scheduler import GlobalScheduler, KVLocation
 from symphony_jax.cluster.records import ClusterRecords, step_records, transfer_records
 from symphony_jax.cluster.systems import System, node_engine, system as get_system
-from symphony_jax.config import EngineConfig
+from symphony_jax.config import EngineConfig, _check_ints
 from symphony_jax.engine.engine import Engine
 from symphony_jax.engine.sampling import SamplingParams
 from symphony_jax.memory import transfer
@@ -53,10 +53,7 @@ class ClusterConfig:
     def __post_init__(self):
         if not isinstance(self.engine, EngineConfig):
             raise ValueError(f"ClusterConfig.engine={self.engine!r}: expected an EngineConfig")
-        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or \
-                self.num_nodes < 1:
-            raise ValueError(f"ClusterConfig.num_nodes={self.num_nodes!r}: expected an "
-                             "integer >= 1")
+        _check_ints(self, 1, "num_nodes")
         if self.devices is not None and not len(self.devices):
             raise ValueError("ClusterConfig.devices: expected None or at least one device")
 
@@ -287,10 +284,9 @@ class Cluster:
         if self.system.fetch_on_request:
             self._migrate(session, node)
         history = self.history.get(session, [])
-        here = self.scheduler.kv_node(session, now) == node
-        kept = self.scheduler.where[session].tokens if here else 0
         request.node = node
-        request.prefill_estimate = len(history) + len(request.new_tokens) - kept
+        request.prefill_estimate = len(history) + len(request.new_tokens) - \
+            self.scheduler.kept_tokens(session, node, now)
         request.engine_id = self.nodes[node].engine.add_request(
             request.new_tokens, request.sampling, session_id=session, history=history)
         request.attempts.append((node, request.engine_id))

@@ -54,6 +54,10 @@ class GlobalScheduler:
             return -1
         return loc.node
 
+    def kept_tokens(self, session_id: int, node: int, now: float) -> int:
+        """Tokens of ``session_id`` whose K,V ``node`` holds (0 if another node or none)."""
+        return self.where[session_id].tokens if self.kv_node(session_id, now) == node else 0
+
     def place(self, session_id: int, now: float) -> int:
         """The node for ``session_id``'s request arriving now."""
         node, _ = self.advised.pop(session_id, (-1, now))

@@ -9,6 +9,7 @@ for the real-engine check, serves) a small config, writes ``<name>.csv``, ``<nam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -70,12 +71,8 @@ class Study:
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                     max_num_batched_tokens=self.max_num_batched_tokens,
                                     max_model_len=self.max_model_len, num_slots=256)
-        model = model_preset(self.model)
-        config = SimConfig.for_gpu(model, gpu(self.gpu), scheduler, num_nodes=self.nodes)
-        device_bytes = (config.engine.cache.num_device_blocks - 1) * (
-            model.kv_bytes_per_token() * config.engine.cache.block_size)
-        return SimConfig.for_gpu(model, gpu(self.gpu), scheduler, num_nodes=self.nodes,
-                                 host_bytes=self.host_fraction * device_bytes)
+        return SimConfig.for_gpu(model_preset(self.model), gpu(self.gpu), scheduler,
+                                 num_nodes=self.nodes, host_fraction=self.host_fraction)
 
     @property
     def cost(self) -> Roofline:
@@ -86,9 +83,11 @@ class Study:
         """Arrival times of the requests the metrics cover."""
         return (self.warmup_s, max(self.seconds - self.drain_s, self.warmup_s))
 
+    @functools.lru_cache(maxsize=4)
     def schedule(self, users: int, seed: int,
                  advisories: AdvisoryConfig = AdvisoryConfig()) -> Schedule:
-        """``users`` closed-loop users on this study's workload (enough sessions to last)."""
+        """``users`` closed-loop users on this study's workload (enough sessions to last);
+        kept for the next systems of a sweep (traces are read once)."""
         limit = self.max_model_len - 1024  # room for the last answer
         think = ThinkTime(reading_wpm=250 * self.think_speedup,
                           typing_wpm=40 * self.think_speedup)

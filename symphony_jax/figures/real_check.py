@@ -71,10 +71,8 @@ def stats(records) -> dict[str, float]:
     """Mean and p90 of each of ``METRICS`` over finished requests."""
     out = {}
     for name, fn in METRICS:
-        values = fn(records.requests)
-        values = values[np.isfinite(values)]
-        out[f"{name} mean"] = float(values.mean())
-        out[f"{name} p90"] = float(np.percentile(values, 90))
+        d = metrics.distribution(fn(records.requests))
+        out[f"{name} mean"], out[f"{name} p90"] = d["mean"], d["p90"]
     return out
 
 

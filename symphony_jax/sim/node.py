@@ -58,12 +58,18 @@ class Stretch:
     restores: jax.Array  # bool[R]  and restored
     cached_before: jax.Array  # i32[R] each slot's cached tokens before the last step
     query_lens: jax.Array  # i32[R]  and the tokens each computed in it
+    # After the stretch (read with it):
+    free_blocks: jax.Array  # i32[]
+    cached: jax.Array  # i32[R]      each slot's cached tokens
+    computed: jax.Array  # i32[R]    prompt tokens its request computed
+    recomputed: jax.Array  # i32[R]  of which history tokens
+    host_tokens: jax.Array  # i32[R] tokens the host tier holds for it
 
 
-def block_keys(requests: S.Requests, max_blocks: int) -> jax.Array:
-    """u32[R, max_blocks, 2]: synthetic content keys, (session + 1, block + 1)."""
-    owner = jnp.where(requests.session_id != S.NO_SESSION, requests.session_id,
-                      (1 << 30) + requests.request_id) + 1
+def block_keys(session_id: jax.Array, request_id: jax.Array, max_blocks: int) -> jax.Array:
+    """u32[N, max_blocks, 2]: synthetic content keys of N sequences, (owner + 1, block + 1); the
+    owner is the session (a request without one owns its blocks alone)."""
+    owner = jnp.where(session_id != S.NO_SESSION, session_id, (1 << 30) + request_id) + 1
     blocks = jnp.arange(1, max_blocks + 1, dtype=u32)
     return jnp.stack(jnp.broadcast_arrays(owner.astype(u32)[:, None], blocks[None, :]), -1)
 
@@ -86,14 +92,14 @@ def advance(state: S.SchedulerState, start, horizon, *, limits, policy: Policy, 
         new, plan = scheduler_step.schedule(state, now, limits=limits, policy=policy)
         context = new.cached_tokens - plan.query_lens
         dt = jnp.where(plan.num_seqs > 0, cost.step_time(plan.query_lens, context), 0.0)
-        keys = (block_keys(new.requests, new.blocks.max_blocks_per_seq)
-                if policy.prefix_caching else None)
+        keys = (block_keys(new.requests.session_id, new.requests.request_id,
+                           new.blocks.max_blocks_per_seq) if policy.prefix_caching else None)
         new, finished = scheduler_step.commit(new, plan, no, now + dt, policy=policy,
                                               seq_slots=slots, block_keys=keys)
         first = plan.samples & (state.requests.num_generated == 0)
         elapsed = out.elapsed + dt
-        return new, Stretch(
-            elapsed=elapsed, steps=out.steps + 1, last_start=out.elapsed,
+        return new, dataclasses.replace(
+            out, elapsed=elapsed, steps=out.steps + 1, last_start=out.elapsed,
             first_token=jnp.where(first, elapsed, out.first_token), finished=finished,
             copies=plan.offloads.any() | plan.restores.any(), idle=plan.num_seqs == 0,
             offloads=plan.offloads, restores=plan.restores, cached_before=before,
@@ -106,8 +112,13 @@ def advance(state: S.SchedulerState, start, horizon, *, limits, policy: Policy, 
 
     zeros = jnp.zeros(R, i32)
     out = Stretch(jnp.float32(0), jnp.int32(0), jnp.float32(0), jnp.full(R, jnp.inf, f32), no,
-                  jnp.bool_(False), jnp.bool_(False), no, no, zeros, zeros)
-    return jax.lax.while_loop(going, step, (state, out))
+                  jnp.bool_(False), jnp.bool_(False), no, no, zeros, zeros, jnp.int32(0), zeros,
+                  zeros, zeros, zeros)
+    state, out = jax.lax.while_loop(going, step, (state, out))
+    r = state.requests
+    return state, dataclasses.replace(
+        out, free_blocks=state.blocks.free_top.min(), cached=state.cached_tokens,
+        computed=r.computed, recomputed=r.recomputed_history, host_tokens=r.host_tokens)
 
 
 @dataclasses.dataclass
@@ -168,7 +179,7 @@ class SimNode:
         self.waiting_on: set[object] = set()  # copies its next step waits for (layer-wise)
         self.idle = True  # nothing to step until an event
         self.free_blocks = config.cache.num_device_blocks - 1
-        self.stats = {"steps": 0, "written": 0, "restored": 0, "lost": 0, "prefetched": 0}
+        self.steps = 0  # steps run
 
     # ------------------------------------------------------------ requests
 
@@ -188,23 +199,22 @@ class SimNode:
     def admit(self, now: float) -> list[SimRequest]:
         """Admit pending requests (those whose session's K,V is not arriving); returns the
         rejected ones."""
-        ready = [r for r in self.pending if not self.held(r.session_id)][:ADMIT_BATCH]
+        ready, waiting = [], []
+        for r in self.pending:
+            (waiting if len(ready) == ADMIT_BATCH or self.held(r.session_id) else ready).append(r)
         if not ready:
             return []
-        self.pending = [r for r in self.pending if r not in ready]
-        R, MB = self.config.scheduler.slots, self.config.max_blocks_per_seq
+        self.pending = waiting
+        MB = self.config.max_blocks_per_seq
         new = S.new_requests([r.request_id for r in ready], [r.prompt_len for r in ready],
                              [r.max_new_tokens for r in ready],
                              session_id=[r.session_id for r in ready],
                              history_len=[max(r.history_len - 1, 0) for r in ready],
                              arrival=[r.arrival_s for r in ready], size=ADMIT_BATCH)
         keys = None
-        if self.policy.prefix_caching:
-            keys = np.zeros((ADMIT_BATCH, MB, 2), np.uint32)
-            for i, r in enumerate(ready):
-                full = r.prompt_len // self.block_size
-                keys[i, :full, 0], keys[i, :full, 1] = r.session_id + 1, np.arange(1, full + 1)
-            keys = jnp.asarray(keys)
+        if self.policy.prefix_caching:  # the prompts' full blocks
+            full = jnp.arange(MB) < (new.prompt_len // self.block_size)[:, None]
+            keys = jnp.where(full[..., None], block_keys(new.session_id, new.request_id, MB), 0)
         self.state, slots, reasons = admission.admit(
             self.state, new, limits=self.config.scheduler, policy=self.policy, prompt_keys=keys)
         slots, reasons = jax.device_get((slots, reasons))
@@ -233,8 +243,8 @@ class SimNode:
                                   limits=self.config.scheduler, policy=self.policy,
                                   cost=self.cost, max_steps=max_steps)
         out = jax.device_get(out)
-        self.stats["steps"] += int(out.steps)
-        self.free_blocks = int(jax.device_get(self.state.blocks.free_top.min()))
+        self.steps += int(out.steps)
+        self.free_blocks = int(out.free_blocks)
         self.clock = start + float(out.elapsed)
         if out.copies:
             self._copies(out, start + float(out.last_start))
@@ -248,10 +258,8 @@ class SimNode:
         restoring = np.flatnonzero(out.restores)
         if not len(restoring):
             return
-        host = self.state.requests.host_tokens
-        tokens = np.asarray(jax.device_get(host))[restoring]
-        nbytes = sum(-(-int(t) // self.block_size) for t in tokens) * self.block_bytes
-        self.stats["restored"] += len(restoring)
+        nbytes = sum(-(-int(t) // self.block_size) for t in out.host_tokens[restoring]) * \
+            self.block_bytes
         for slot in restoring:
             self.host.touch(int(slot))
         slots, copy = [int(s) for s in restoring], object()
@@ -270,21 +278,15 @@ class SimNode:
     def finished(self, out: Stretch) -> list[SimRequest]:
         """The requests ``out`` finished, with their counts; their slots are released, and a
         session under retention ``host`` has its K,V written back."""
-        slots = np.flatnonzero(out.finished)
-        if not len(slots):
-            return []
-        r = self.state.requests
-        computed, recomputed, cached = (np.asarray(a) for a in jax.device_get(
-            (r.computed, r.recomputed_history, self.state.cached_tokens)))
         done = []
-        for slot in slots.tolist():
+        for slot in np.flatnonzero(out.finished).tolist():
             request = self.requests.pop(int(self.slot_request[slot]))
-            request.prefill_tokens += int(computed[slot])
-            request.recomputed_tokens += int(recomputed[slot])
+            request.prefill_tokens += int(out.computed[slot])
+            request.recomputed_tokens += int(out.recomputed[slot])
             request.finish_reason, request.finish_s = "length", self.clock
             self.slot_request[slot] = -1
-            if self.policy.retention == "host" and cached[slot] > 0:
-                self.write(slot, int(cached[slot]), self.clock)
+            if self.policy.retention == "host" and out.cached[slot] > 0:
+                self.write(slot, int(out.cached[slot]), self.clock)
             done.append(request)
         return done
 
@@ -298,7 +300,6 @@ class SimNode:
         if not self._store(slot, chunks, tokens):
             return
         self.writing.add(slot)
-        self.stats["written"] += 1
         generation = self.generation[slot]
         self.launch(now, self.pcie, sum(c.nbytes for c in chunks),
                     lambda t: self._written(slot, tokens, generation))
@@ -331,7 +332,6 @@ class SimNode:
             return
         for slot in slots:
             self._forget(slot)
-        self.stats["lost"] += len(slots)
         self.state = tiers.lost(self.state, self._slots(slots))
 
     def _forget(self, slot: int) -> None:
@@ -405,7 +405,6 @@ class SimNode:
                 continue
             self.to_prefetch.discard(slot)
             self.prefetching.add(slot)
-            self.stats["prefetched"] += 1
             self.free_blocks -= need(slot)
             nbytes = 0 if instant else need(slot) * self.block_bytes
             generation = self.generation[slot]

@@ -36,7 +36,8 @@ from symphony_jax import metrics
 from symphony_jax.cluster.global_scheduler import GlobalScheduler, KVLocation
 from symphony_jax.cluster.records import ClusterRecords, step_records, transfer_records
 from symphony_jax.cluster.systems import System, node_engine, system as get_system
-from symphony_jax.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from symphony_jax.config import (CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
+                                 _check_ints, _check_positive_floats, _fail)
 from symphony_jax.progress import bar as progress_bar
 from symphony_jax.sim.cost_model import Geometry
 from symphony_jax.sim.hardware import GPU
@@ -60,23 +61,17 @@ class SimConfig:
 
     def __post_init__(self):
         if not isinstance(self.engine, EngineConfig):
-            raise ValueError(f"SimConfig.engine={self.engine!r}: expected an EngineConfig")
-        if isinstance(self.num_nodes, bool) or not isinstance(self.num_nodes, int) or \
-                self.num_nodes < 1:
-            raise ValueError(f"SimConfig.num_nodes={self.num_nodes!r}: expected an integer >= 1")
-        for field in ("pcie_bandwidth", "nic_bandwidth"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"SimConfig.{field}={value!r}: expected a number > 0 (bytes/s)")
-
+            _fail(self, "engine", self.engine, "an EngineConfig")
+        _check_ints(self, 1, "num_nodes")
+        _check_positive_floats(self, "pcie_bandwidth", "nic_bandwidth")
 
     @classmethod
     def for_gpu(cls, model: ModelConfig, gpu: GPU, scheduler: SchedulerConfig, *,
                 num_nodes: int = 2, block_size: int = 16, memory_utilization: float = 0.9,
-                host_bytes: float = 0.0) -> SimConfig:
+                host_fraction: float = 1.0) -> SimConfig:
         """Nodes of one ``gpu`` each serving ``model``: K,V blocks in the memory left after
-        the weights (``memory_utilization`` of the GPU's), a host tier of ``host_bytes``
-        (0: as large as the device pool, for systems that need one), the GPU's links."""
+        the weights (``memory_utilization`` of the GPU's), a host tier of ``host_fraction``
+        times as many blocks, the GPU's links."""
         geometry = Geometry.of(model)
         block_bytes = model.kv_bytes_per_token() * block_size
         free = gpu.memory_bytes * memory_utilization - geometry.weight_bytes
@@ -84,8 +79,9 @@ class SimConfig:
             raise ValueError(f"SimConfig.for_gpu: {model} leaves {free / 2**30:.1f} GiB of a "
                              f"{gpu.name} for K,V, less than one sequence of max_model_len="
                              f"{scheduler.max_model_len}")
-        cache = CacheConfig(block_size=block_size, num_device_blocks=int(free // block_bytes) + 1,
-                            num_host_blocks=int(host_bytes // block_bytes))
+        blocks = int(free // block_bytes)
+        cache = CacheConfig(block_size=block_size, num_device_blocks=blocks + 1,
+                            num_host_blocks=int(host_fraction * blocks))
         return cls(EngineConfig(model, cache, scheduler), num_nodes, gpu.pcie_bandwidth,
                    gpu.nic_bandwidth)
 
@@ -173,9 +169,10 @@ class Simulator:
         if not node.requests:  # its requests wait for K,V on its way here (or none left)
             node.idle = all(node.held(r.session_id) for r in node.pending)
             return
-        self._reports(node, node.run(horizon), node.clock)
+        self._reports(node, node.run(horizon))
 
-    def _reports(self, node: SimNode, out: Stretch, end: float) -> None:
+    def _reports(self, node: SimNode, out: Stretch) -> None:
+        end = node.clock
         start = end - float(out.elapsed)
         for slot in np.flatnonzero(np.isfinite(out.first_token)):
             request = node.requests.get(int(node.slot_request[slot]))
@@ -240,9 +237,9 @@ class Simulator:
         index = self.scheduler.place(session, t)
         if self.system.fetch_on_request:
             self._migrate(session, index, t)
-        here = self.scheduler.kv_node(session, t) == index
-        kept = self.scheduler.where[session].tokens if here else 0
-        request.node, request.prefill_estimate = index, request.prompt_len - kept
+        request.node = index
+        request.prefill_estimate = request.prompt_len - self.scheduler.kept_tokens(session,
+                                                                                    index, t)
         node = self.nodes[index]
         if not node.busy:
             node.clock = max(node.clock, t)

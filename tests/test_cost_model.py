@@ -2,6 +2,7 @@
 model's parameter shapes, rooflines by hand, fits that recover known coefficients."""
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -194,6 +195,24 @@ def test_step_time_under_jit_and_while_loop_equals_numpy_input():
         _, total = jax.jit(lambda: jax.lax.while_loop(lambda s: s[0] < len(q), body,
                                                       (0, jnp.float32(0))))()
         assert float(total) == pytest.approx(float(eager.sum()), rel=1e-5)
+
+
+RUN = 24  # steps of a run (one shape: one compilation per model)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def run_and_one_by_one(model, q, c):
+    """``model.run_times`` of RUN steps computing ``q``, and ``step_time`` of each step."""
+    steps = jnp.broadcast_to(q, (RUN,) + q.shape), c + jnp.arange(RUN)[:, None] * q
+    return model.run_times(q, c, RUN), model.step_time(*steps)
+
+
+@given(q=st.lists(st.integers(0, 3), min_size=4, max_size=4), c=lengths)
+def test_run_times_are_the_step_times_of_a_growing_context(q, c):
+    """A run of decode (or fixed-chunk) steps: contexts grow by the query each step."""
+    q, c = jnp.array(q, jnp.int32), jnp.array(c, jnp.int32)
+    for model in (A100, Calibrated(TINY_GEOMETRY, TRUE, 0.0, LIMITS)):
+        np.testing.assert_allclose(*run_and_one_by_one(model, q, c), rtol=1e-5)
 
 
 def test_mismatched_lengths_are_rejected():

@@ -13,8 +13,9 @@ import pytest
 
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
 from symphony_jax.scheduler import state as S
+from symphony_jax.sim import node as node_module
 from symphony_jax.sim.network import Network
-from symphony_jax.sim.simulator import SimConfig, reaction_s, simulate
+from symphony_jax.sim.simulator import SimConfig, Simulator, reaction_s, simulate
 from symphony_jax.workloads import (ShareGPTLike, ThinkTime, Workload, closed_loop, open_loop,
                                     sharegpt_like)
 
@@ -34,6 +35,9 @@ class Linear:
 
     def step_time(self, query_lens, context_lens):
         return self.per_step + self.per_token * jnp.sum(query_lens).astype(jnp.float32)
+
+    def run_times(self, query_lens, context_lens, steps):
+        return jnp.full(steps, self.step_time(query_lens, context_lens))
 
 
 def chat(sessions=8, users=4, seed=0):
@@ -56,6 +60,19 @@ def test_two_flows_share_a_link_and_each_runs_at_half_rate():
     assert done["fourth"] == pytest.approx(10.7)  # min(100/2, 50/1) = 50 B/s
     assert done["third"] == pytest.approx(10.5 + 10 / 50 + 40 / 100)
     assert net.moved["a"] == pytest.approx(310.0)
+
+
+def test_next_completion_near_links_counts_the_flows_that_can_change_theirs():
+    net = Network({"pcie0": 10.0, "nic0": 10.0, "nic1": 10.0, "nic2": 10.0, "pcie1": 1.0})
+    net.start(("pcie1",), 0.5, 0.0, lambda t: None)  # ends at 0.5, crosses no link of node 0
+    net.start(("nic1", "nic2"), 5.0, 0.0, lambda t: None)  # 5 B/s, ends at 1.0; shares nic1
+    net.start(("nic0", "nic1"), 20.0, 0.0, lambda t: None)  # with node 0's flow (5 B/s)
+    assert net.next_completion() == pytest.approx(0.5)
+    assert net.next_completion(("pcie0", "nic0")) == pytest.approx(1.0)  # through nic1
+    assert net.next_completion(("pcie1",)) == pytest.approx(0.5)
+    net.advance(1.5)  # node 0's flow alone from 1.0: 15 B left then, at 10 B/s
+    assert net.next_completion(("pcie0", "nic0")) == pytest.approx(2.5)
+    assert net.next_completion(("pcie1",)) == math.inf
 
 
 def test_network_rejects_bad_links_and_backwards_time():
@@ -124,6 +141,27 @@ def test_deterministic_and_conserving(name):
         assert len(m) > 0
         assert r.recomputed_tokens.sum() < simulate(schedule, "recompute", config,
                                                     Linear()).requests.recomputed_tokens.sum()
+
+
+@pytest.mark.parametrize("name", ["recompute", "symphony"])
+def test_steady_decode_runs_take_the_steps_one_by_one_would(name):
+    """``advance`` takes runs of decode-only steps at once; the requests' times and counts are
+    those of stepping one by one (times to float32 rounding)."""
+    schedule, config = chat(sessions=12, users=6), SimConfig(CONFIG, num_nodes=2)
+    runs = {}
+    for decode_run in (1, node_module.DECODE_RUN):
+        sim = Simulator(schedule, name, config, Linear())
+        for node in sim.nodes:
+            node.decode_run = decode_run
+        runs[decode_run] = (sim.run(), sum(n.steps for n in sim.nodes),
+                            sum(n.rounds for n in sim.nodes))
+    (one, steps, rounds), (fast, fast_steps, fast_rounds) = runs.values()
+    assert fast_steps == steps == rounds and fast_rounds < steps / 2
+    a, b = one.requests, fast.requests
+    for field in ("request_id", "node", "output_tokens", "prefill_tokens", "recomputed_tokens"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    for field in ("arrival_s", "first_token_s", "finish_s"):
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5)
 
 
 def test_reaction_time_of_a_closed_loop_is_its_least_think_time():

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from symphony_jax.config import SchedulerConfig
 from symphony_jax.memory import block_table as bt
-from symphony_jax.scheduler import prefix_cache
+from symphony_jax.scheduler import prefix_cache, sorting
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler.policy import Policy
 
@@ -103,7 +103,7 @@ def _order(r: S.Requests, known, cached, policy: Policy) -> jax.Array:
     else:
         group = jnp.select([waiting, running & ~decoding, running], [0, 1, 2], 3)
     by_priority = (r.priority,) if policy.order == "priority" else ()
-    return jnp.lexsort((r.request_id, r.arrival, *by_priority, group))
+    return sorting.lexsort((r.request_id, r.arrival, *by_priority, group))
 
 
 def _budget(want: jax.Array, limits: SchedulerConfig, chunked: bool) -> jax.Array:
@@ -271,9 +271,10 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         grant = jnp.where(restores, 0, grant)
     scheduled = grant > 0
     reserved = grant + jnp.where(restores, from_host, 0)
-    # Scheduled slots in order, then slots restoring only (they reserve blocks too), then others.
-    batch_order = jnp.argsort(jnp.select([scheduled, restores], [position, R + position],
-                                         2 * R + position))
+    # Scheduled slots in order, then slots restoring only (they reserve blocks too), then others:
+    # distinct keys ``group * R + position``, whose order gives positions in batch order.
+    batch_order = order[jnp.sort(jnp.select([scheduled, restores], [position, R + position],
+                                            2 * R + position)) % R]
     table = _reserve(table, reserved, batch_order, limits, policy.uses_host)
     samples = scheduled & (cached + grant == known)
     requests = dataclasses.replace(

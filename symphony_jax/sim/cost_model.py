@@ -32,6 +32,7 @@ reads the K,V of every scheduled slot's context and query tokens, and writes its
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -56,6 +57,17 @@ def _lens(query_lens, context_lens) -> tuple[jax.Array, jax.Array, jax.Array]:
         raise ValueError(f"context_lens: shape {c.shape}, expected query_lens' shape {q.shape}")
     scheduled = q > 0
     return q.astype(f32), jnp.where(scheduled, c.astype(f32), 0), scheduled
+
+
+def _growing(term, query_lens, context_lens, steps: int) -> jax.Array:
+    """f32[steps, ...]: ``term(query_lens, context)`` over ``steps`` steps that each compute
+    ``query_lens`` (i32[R]), the context growing by them every step. Every term of the cost
+    models is affine in the context for fixed query lengths (sums of ``q * c`` and ``c``), so
+    two evaluations give them all."""
+    q = jnp.asarray(query_lens)
+    first, second = term(q, context_lens), term(q, jnp.asarray(context_lens) + q)
+    j = jnp.arange(steps, dtype=f32).reshape((steps,) + (1,) * first.ndim)
+    return first + j * (second - first)
 
 
 def _bucket(count: jax.Array, limit: int, smallest: int = 1) -> jax.Array:
@@ -215,6 +227,14 @@ class Roofline:
                            self.memory_time(query_lens, context_lens)) + self.overhead_s
         return jnp.where((jnp.asarray(query_lens) > 0).any(-1), busy, 0).astype(f32)
 
+    def run_times(self, query_lens, context_lens, steps: int) -> jax.Array:
+        """f32[steps]: ``step_time`` of ``steps`` steps that each compute ``query_lens``
+        (i32[R]), the context growing by them every step."""
+        busy = jnp.maximum(_growing(self.compute_time, query_lens, context_lens, steps),
+                           _growing(self.memory_time, query_lens, context_lens, steps))
+        return jnp.where((jnp.asarray(query_lens) > 0).any(), busy + self.overhead_s,
+                         0).astype(f32)
+
 
 # ------------------------------------------------------------------------- calibrated model
 
@@ -263,6 +283,13 @@ class Calibrated:
         """f32[...]: seconds of a step (0 if it schedules nothing)."""
         x = features(self.geometry, query_lens, context_lens, self.limits)
         # A product and a sum, not a matmul: GPUs run float32 matmuls at reduced precision.
+        return (x * jnp.asarray(self.coefficients, f32)).sum(-1)
+
+    def run_times(self, query_lens, context_lens, steps: int) -> jax.Array:
+        """f32[steps]: ``step_time`` of ``steps`` steps that each compute ``query_lens``
+        (i32[R]), the context growing by them every step."""
+        x = _growing(functools.partial(features, self.geometry, limits=self.limits),
+                     query_lens, context_lens, steps)
         return (x * jnp.asarray(self.coefficients, f32)).sum(-1)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 
 @dataclasses.dataclass
@@ -51,9 +51,18 @@ class Network:
         self._rates()
         return flow
 
-    def next_completion(self) -> float:
-        """When the next flow completes at the current rates (``inf``: none in flight)."""
-        return min((self.now + _duration(f) for f in self.flows), default=math.inf)
+    def next_completion(self, links: Collection[str] | None = None) -> float:
+        """When the next flow completes at the current rates (``inf``: none in flight). With
+        ``links``: the next completion that can change the flows crossing them (theirs, or
+        that of a flow linked to them through shared links: its end changes their rates)."""
+        flows = self.flows
+        if links is not None:
+            reach, grew = set(links), True
+            while grew:
+                crossing = [f for f in flows if not reach.isdisjoint(f.path)]
+                grew = len(reach) < len(reach := reach.union(*(f.path for f in crossing)))
+            flows = crossing
+        return min((self.now + _duration(f) for f in flows), default=math.inf)
 
     def advance(self, now: float) -> list[Flow]:
         """Move time to ``now``, completing flows on the way (each at its exact time, rates

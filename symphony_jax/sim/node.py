@@ -6,7 +6,9 @@ replaced by ``cost.step_time`` and sampling by the workload's output lengths (a 
 generates exactly ``max_new_tokens``). ``advance`` runs steps back to back inside one jitted
 loop, each taking the cost model's time, until a request finishes, the horizon passes, or a
 step copies K,V to or from the host tier (the node then starts those copies as flows on its
-links).
+links). Steps that only decode are known in advance (one token per running request), so a run
+of them is taken at once: their blocks reserved together, their times from
+``cost.run_times``.
 
 The host tier mirrors the engine's (``engine.host_kv``) at block granularity: a ``HostTier`` of
 byte-less entries, copies as flows on the node's PCIe link. Simplifications, each cheaper than
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from symphony_jax.config import EngineConfig
+from symphony_jax.memory import block_table as bt
 from symphony_jax.memory.host_tier import HostTier, HostTierFull
 from symphony_jax.scheduler import admission, tiers
 from symphony_jax.scheduler import state as S
@@ -40,6 +43,7 @@ from symphony_jax.scheduler.policy import Policy
 i32, f32, u32 = jnp.int32, jnp.float32, jnp.uint32
 ADMIT_BATCH = 16  # requests admitted per call (one compiled shape)
 STRETCH_STEPS = 512  # most steps one ``advance`` call runs
+DECODE_RUN = 64  # most steady decode steps ``advance`` takes at once
 
 
 @jax.tree_util.register_dataclass
@@ -49,6 +53,7 @@ class Stretch:
 
     elapsed: jax.Array  # f32[]     time of the steps it ran
     steps: jax.Array  # i32[]       steps it ran
+    rounds: jax.Array  # i32[]      of which, taken one at a time or as a steady run
     last_start: jax.Array  # f32[]  when its last step started
     first_token: jax.Array  # f32[R] when each slot sampled its request's first token; inf
     finished: jax.Array  # bool[R]  requests that finished (at ``elapsed``)
@@ -65,6 +70,41 @@ class Stretch:
     recomputed: jax.Array  # i32[R]  of which history tokens
     host_tokens: jax.Array  # i32[R] tokens the host tier holds for it
 
+    @classmethod
+    def empty(cls, R: int) -> Stretch:
+        """Nothing run yet (numpy arrays)."""
+        zero, no = np.zeros(R, np.int32), np.zeros(R, bool)
+        return cls(np.float32(0), np.int32(0), np.int32(0), np.float32(0),
+                   np.full(R, np.inf, np.float32), no, np.bool_(False), np.bool_(False), no, no,
+                   zero, zero, np.int32(0), zero, zero, zero, zero)
+
+    def pack(self) -> tuple[jax.Array, jax.Array]:
+        """The fields as one f32 and one i32 vector: two reads to the host, not 17."""
+        leaves = jax.tree.leaves(self)
+        return (jnp.concatenate([jnp.ravel(x) for x in leaves if x.dtype == f32]),
+                jnp.concatenate([jnp.ravel(x).astype(i32) for x in leaves if x.dtype != f32]))
+
+    @classmethod
+    def unpack(cls, R: int, floats: np.ndarray, ints: np.ndarray) -> Stretch:
+        leaves, tree = _layout(R)
+        return jax.tree.unflatten(tree, [
+            (floats if is_float else ints)[start:stop].reshape(shape).astype(dtype)
+            for is_float, start, stop, shape, dtype in leaves])
+
+
+@functools.lru_cache
+def _layout(R: int):
+    """Where ``Stretch.pack`` puts each field of an R-slot stretch: (in the floats, start,
+    stop, shape, dtype) per leaf, and the tree."""
+    leaves, tree = jax.tree.flatten(Stretch.empty(R))
+    taken, layout = {True: 0, False: 0}, []
+    for like in leaves:
+        is_float = like.dtype == np.float32
+        layout.append((is_float, taken[is_float], taken[is_float] + like.size, like.shape,
+                       like.dtype))
+        taken[is_float] += like.size
+    return layout, tree
+
 
 def block_keys(session_id: jax.Array, request_id: jax.Array, max_blocks: int) -> jax.Array:
     """u32[N, max_blocks, 2]: synthetic content keys of N sequences, (owner + 1, block + 1); the
@@ -74,13 +114,53 @@ def block_keys(session_id: jax.Array, request_id: jax.Array, max_blocks: int) ->
     return jnp.stack(jnp.broadcast_arrays(owner.astype(u32)[:, None], blocks[None, :]), -1)
 
 
+def _steady(state: S.SchedulerState, limits) -> jax.Array:
+    """Whether the next step only decodes: every active slot is running, has sampled its first
+    token and has one token to compute, and a step's limits hold them all."""
+    r = state.requests
+    running = r.status == S.RUNNING
+    decoding = (r.prompt_len + r.num_generated - state.cached_tokens == 1) & (r.num_generated > 0)
+    inert = (r.status == S.EMPTY) | (r.status == S.FINISHED)
+    n = running.sum()
+    return ((inert | (running & decoding)).all() & (n > 0) & (n <= limits.max_num_seqs)
+            & (n <= limits.max_num_batched_tokens))
+
+
+def _decode_run(state: S.SchedulerState, start, elapsed, steps, horizon, *, cost, max_steps,
+                run: int) -> tuple[jax.Array, jax.Array]:
+    """For a steady state (``_steady``): how many of the next ``run`` steps stay steady and
+    start in time, and those steps' times (f32[run]). A steady step decodes one token per
+    running slot and nothing else, so the steps are known in advance; the run ends before a
+    step whose blocks are not free (it would preempt), a step that finishes a request, a step
+    that would expire a retained K,V, or a step that starts at or after ``horizon``."""
+    r, table = state.requests, state.blocks
+    running = r.status == S.RUNNING
+    cached = state.cached_tokens
+    j = jnp.arange(run, dtype=i32)[:, None]
+    dt = cost.run_times(running.astype(i32), cached, run)
+    begins = elapsed + jnp.cumsum(dt) - dt  # when each step starts, after ``start``
+    blocks = lambda tokens: -(-tokens // table.block_size)
+    new_blocks = jnp.where(running, blocks(cached + j + 1) - blocks(cached), 0).sum(-1)
+    left = jnp.where(running, r.max_new_tokens - r.num_generated, jnp.iinfo(i32).max).min()
+    expiry = jnp.where(r.status == S.FINISHED, r.expiry, jnp.inf).min()
+    step = steps + j[:, 0]
+    ok = (((step == 0) | (begins < horizon)) & (step < max_steps)
+          & (new_blocks <= table.free_top.min()) & (j[:, 0] + 1 < left)
+          & (jnp.asarray(start, f32) + begins < expiry))
+    return jnp.where(ok.all(), run, jnp.argmin(ok)).astype(i32), dt
+
+
 @functools.partial(jax.jit, donate_argnames="state",
-                   static_argnames=("limits", "policy", "cost", "max_steps"))
+                   static_argnames=("limits", "policy", "cost", "max_steps", "decode_run"))
 def advance(state: S.SchedulerState, start, horizon, *, limits, policy: Policy, cost,
-            max_steps: int) -> tuple[S.SchedulerState, Stretch]:
+            max_steps: int, decode_run: int = 1):
     """Run steps from time ``start``: one, then more while less than ``horizon`` seconds have
     passed, at most ``max_steps``, stopping after a step where a request finishes, that ran
-    nothing, or that copies K,V (the caller starts its copies)."""
+    nothing, or that copies K,V (the caller starts its copies). Returns the state and the
+    ``Stretch``, packed.
+
+    Steps that only decode (``_steady``) are taken up to ``decode_run`` at a time, in closed
+    form: the same plans and times as one by one, with fewer scheduler calls."""
     R = state.num_slots
     slots = jnp.arange(R, dtype=i32)
     no = jnp.zeros(R, bool)
@@ -99,26 +179,57 @@ def advance(state: S.SchedulerState, start, horizon, *, limits, policy: Policy, 
         first = plan.samples & (state.requests.num_generated == 0)
         elapsed = out.elapsed + dt
         return new, dataclasses.replace(
-            out, elapsed=elapsed, steps=out.steps + 1, last_start=out.elapsed,
+            out, elapsed=elapsed, steps=out.steps + 1, rounds=out.rounds + 1,
+            last_start=out.elapsed,
             first_token=jnp.where(first, elapsed, out.first_token), finished=finished,
             copies=plan.offloads.any() | plan.restores.any(), idle=plan.num_seqs == 0,
             offloads=plan.offloads, restores=plan.restores, cached_before=before,
             query_lens=plan.query_lens)
+
+    def jump(carry, k, dt):
+        """``k`` steady steps of times ``dt[:k]`` at once."""
+        state, out = carry
+        r = state.requests
+        running = r.status == S.RUNNING
+        width = min(-(-decode_run // state.blocks.block_size) + 1,
+                    state.blocks.max_blocks_per_seq)
+        table, _ = bt.reserve(state.blocks, jnp.where(running, slots, R),
+                              jnp.where(running, k, 0), max_new_blocks=width)
+        j = jnp.arange(decode_run)
+        last_start = out.elapsed + jnp.where(j < k - 1, dt, 0).sum()
+        elapsed = out.elapsed + jnp.where(j < k, dt, 0).sum()
+        requests = dataclasses.replace(
+            r, num_generated=r.num_generated + jnp.where(running, k, 0),
+            last_used=jnp.where(running, jnp.asarray(start, f32) + last_start, r.last_used))
+        return S.SchedulerState(requests, table, state.cache), dataclasses.replace(
+            out, elapsed=elapsed, steps=out.steps + k, rounds=out.rounds + 1,
+            last_start=last_start, finished=no,
+            copies=jnp.bool_(False), idle=jnp.bool_(False), offloads=no, restores=no,
+            cached_before=state.cached_tokens + jnp.where(running, k - 1, 0),
+            query_lens=running.astype(i32))
+
+    def steady_or_step(carry):
+        state, out = carry
+        k, dt = _decode_run(state, start, out.elapsed, out.steps, horizon, cost=cost,
+                            max_steps=max_steps, run=decode_run)
+        return jax.lax.cond(k > 0, functools.partial(jump, k=k, dt=dt), step, carry)
+
+    def body(carry):
+        if decode_run <= 1:
+            return step(carry)
+        return jax.lax.cond(_steady(carry[0], limits), steady_or_step, step, carry)
 
     def going(carry):
         _, out = carry
         return (~out.finished.any() & ~out.copies & ~out.idle & (out.steps < max_steps)
                 & ((out.steps == 0) | (out.elapsed < horizon)))
 
-    zeros = jnp.zeros(R, i32)
-    out = Stretch(jnp.float32(0), jnp.int32(0), jnp.float32(0), jnp.full(R, jnp.inf, f32), no,
-                  jnp.bool_(False), jnp.bool_(False), no, no, zeros, zeros, jnp.int32(0), zeros,
-                  zeros, zeros, zeros)
-    state, out = jax.lax.while_loop(going, step, (state, out))
+    out = jax.tree.map(jnp.asarray, Stretch.empty(R))
+    state, out = jax.lax.while_loop(going, body, (state, out))
     r = state.requests
     return state, dataclasses.replace(
         out, free_blocks=state.blocks.free_top.min(), cached=state.cached_tokens,
-        computed=r.computed, recomputed=r.recomputed_history, host_tokens=r.host_tokens)
+        computed=r.computed, recomputed=r.recomputed_history, host_tokens=r.host_tokens).pack()
 
 
 @dataclasses.dataclass
@@ -160,6 +271,7 @@ class SimNode:
         node's PCIe link is ``pcie<index>``); ``on_done(end time)`` follows."""
         self.index, self.config, self.policy, self.cost = index, config, policy, cost
         self.launch, self.pcie = launch, (f"pcie{index}",)
+        self.links = (f"pcie{index}", f"nic{index}")  # those its flows cross
         self.state = S.init(config)
         R = config.scheduler.slots
         self.block_size = config.cache.block_size
@@ -180,6 +292,8 @@ class SimNode:
         self.idle = True  # nothing to step until an event
         self.free_blocks = config.cache.num_device_blocks - 1
         self.steps = 0  # steps run
+        self.rounds = 0  # scheduler calls they took (a steady run is one)
+        self.decode_run = DECODE_RUN  # 1: step one by one
 
     # ------------------------------------------------------------ requests
 
@@ -241,9 +355,11 @@ class SimNode:
         limit = np.float32(min(horizon - start, 3.0e38))
         self.state, out = advance(self.state, np.float32(start), limit,
                                   limits=self.config.scheduler, policy=self.policy,
-                                  cost=self.cost, max_steps=max_steps)
-        out = jax.device_get(out)
+                                  cost=self.cost, max_steps=max_steps,
+                                  decode_run=self.decode_run)
+        out = Stretch.unpack(self.config.scheduler.slots, *jax.device_get(out))
         self.steps += int(out.steps)
+        self.rounds += int(out.rounds)
         self.free_blocks = int(out.free_blocks)
         self.clock = start + float(out.elapsed)
         if out.copies:

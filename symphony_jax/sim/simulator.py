@@ -9,13 +9,18 @@ result is the same ``ClusterRecords`` (without per-token times), so the metrics 
 work on either.
 
 Events: arrivals and advisories (the schedule's, and those its closed loop triggers when a
-request finishes), flow completions, and nodes' reports (first tokens, finishes), each applied
-at its time. Nodes step independently: the node whose next step starts first runs steps back
-to back, in one jitted call, up to the *horizon* — the next event, and no later than any other
-node's clock plus the schedule's reaction time (the least delay between a finish and what it
-triggers), since a finish elsewhere could send this node a request no earlier. So no node ever
-starts a step after an event that could change it: the decisions are the ones a node stepping
-in lockstep with the others would make, however long the runs.
+request finishes), flow completions, and nodes' reports (first tokens, finishes, copies
+started), each applied at its time. Nodes step independently: the node whose next step starts
+first runs steps back to back, in one jitted call, up to the *horizon* — the next event that
+could change it, and no later than any other node's clock plus the schedule's reaction time
+(the least delay between a finish and what it triggers), since a finish elsewhere could send
+this node a request no earlier. Events that change no node are *notes*, applied in time order
+without bounding horizons: first tokens and finishes (they change the global scheduler's
+counts, read only by later events), a copy's start (it changes only its own node's flows), and
+advisories of systems that do not act on them; a node's horizon counts only the flows that
+can change its own. So no node ever starts a step after an event that could change it: the
+decisions are the ones a node stepping in lockstep with the others would make, however long
+the runs.
 
 Migration under ``hints="migrate"`` or ``fetch_on_request``: the session's K,V moves from the
 node holding it (its host tier or device) over both nodes' network interfaces into the
@@ -108,8 +113,9 @@ class Simulator:
     def __init__(self, schedule: Schedule, system: str | System, config: SimConfig, cost):
         if not isinstance(schedule, Schedule):
             raise ValueError(f"simulate: schedule={schedule!r}: expected a workloads Schedule")
-        if not callable(getattr(cost, "step_time", None)):
-            raise ValueError(f"simulate: cost={cost!r}: expected a cost model with step_time")
+        if not all(callable(getattr(cost, name, None)) for name in ("step_time", "run_times")):
+            raise ValueError(f"simulate: cost={cost!r}: expected a cost model with step_time "
+                             "and run_times (sim.cost_model)")
         self.schedule, self.system, self.config = schedule, get_system(system), config
         engine = node_engine(config.engine, self.system)
         self.free = self.system.free_migration
@@ -124,7 +130,10 @@ class Simulator:
                                          step_tokens=engine.scheduler.max_num_batched_tokens,
                                          step_seqs=engine.scheduler.max_num_seqs)
         self.reaction = reaction_s(schedule)
-        self.events: list[tuple[float, int, int, object]] = []
+        self.events: list[tuple[float, int, int, object]] = []  # those that can change a node
+        self.notes: list[tuple[float, int, int, object]] = []  # those that cannot (``_report``)
+        self.arrivals_due: collections.Counter = collections.Counter()  # by session
+        self.ending: dict[int, float] = {}  # sessions' pending end reports among the notes
         self.serial = 0
         self.requests: dict[int, SimRequest] = {}  # by schedule row
         self.history: dict[int, int] = {}  # each session's tokens so far
@@ -146,8 +155,9 @@ class Simulator:
         while self.ended < self.schedule.num_rows:
             ready = [n for n in self.nodes if n.busy and not n.idle and not n.waiting_on]
             node = min(ready, key=lambda n: n.clock, default=None)
-            t_event = min(self.events[0][0] if self.events else math.inf,
-                          self.network.next_completion())
+            t_change = self.events[0][0] if self.events else math.inf
+            t_event = min(t_change, self.network.next_completion(),
+                          self.notes[0][0] if self.notes else math.inf)
             if min(t_event, node.clock if node else math.inf) >= until_s:
                 break
             if node is None or t_event <= node.clock:
@@ -157,8 +167,12 @@ class Simulator:
                 self._handle(t_event)
                 bar.update(self.ended - before)
                 continue
-            others = min((n.clock for n in ready if n is not node), default=math.inf)
-            self._step(node, min(t_event, others + self.reaction))
+            # What a finish triggers comes ``reaction`` after it, at the earliest: a finish is
+            # no earlier than the other nodes' clocks or a note not yet applied.
+            others = min([n.clock for n in ready if n is not node]
+                         + [note[0] for note in self.notes[:1]], default=math.inf)
+            self._step(node, min(t_change, others + self.reaction,
+                                 self.network.next_completion(node.links)))
         bar.close()
         return self.records()
 
@@ -188,23 +202,44 @@ class Simulator:
         self._report(time_s, ("copy", (path, nbytes, on_done)))
 
     def _report(self, time_s: float, what) -> None:
-        heapq.heappush(self.events, (time_s, REPORT, self.serial, what))
+        """Queue a node's report. Most change no other node: a first token or an end changes
+        the global scheduler's counts (which events read in time order), a copy's start the
+        rates of its own node's flows (applied before that node steps again, as the report is
+        no later than its clock). Those are notes, which do not stop other nodes' steps; the end
+        of a request whose session has an arrival pending is not (it dispatches the next)."""
+        kind, session = what[0], getattr(what[1], "session_id", None)
+        note = kind != "wake" and (kind != "end" or not (self.queued[session]
+                                                         or self.arrivals_due[session]))
+        if note and kind == "end":
+            self.ending[session] = time_s
+        heapq.heappush(self.notes if note else self.events, (time_s, REPORT, self.serial, what))
         self.serial += 1
 
     def _push(self, events: Events) -> None:
-        for t, kind, row, session in zip(events.time_s, events.kind, events.row,
-                                         events.session_id):
-            arriving = kind == ARRIVAL
-            heapq.heappush(self.events, (float(t), ARRIVING if arriving else ADVISORY,
-                                         self.serial, int(row) if arriving else int(session)))
+        """Queue the schedule's arrivals and advisories (advisories are notes unless the
+        system migrates on them)."""
+        migrates = self.system.hints == "migrate"
+        for t, kind, row, session in zip(events.time_s.tolist(), events.kind.tolist(),
+                                         events.row.tolist(), events.session_id.tolist()):
+            if kind == ARRIVAL:
+                self.arrivals_due[session] += 1
+                if self.ending.get(session, -math.inf) >= t:  # it will queue behind that end,
+                    self._report(self.ending[session], ("wake", None))  # dispatched then
+                heapq.heappush(self.events, (t, ARRIVING, self.serial, row))
+            else:
+                heapq.heappush(self.events if migrates else self.notes,
+                               (t, ADVISORY, self.serial, session))
             self.serial += 1
 
     def _handle(self, t: float) -> None:
         """Apply the events at ``t`` (flows first, then reports, advisories, arrivals)."""
         idle = {n.index for n in self.nodes if n.idle or n.waiting_on}
         self.network.advance(t)
-        while self.events and self.events[0][0] <= t:
-            _, kind, _, what = heapq.heappop(self.events)
+        while True:
+            heads = [h for h in (self.events, self.notes) if h and h[0][0] <= t]
+            if not heads:
+                break
+            _, kind, _, what = heapq.heappop(min(heads, key=lambda h: h[0]))
             if kind == REPORT:
                 self._on_report(t, *what)
             elif kind == ADVISORY:
@@ -220,6 +255,7 @@ class Simulator:
     def _on_arrival(self, t: float, row: int) -> None:
         w = self.schedule.workload
         session = int(w.session_id[row])
+        self.arrivals_due[session] -= 1
         history = self.history.get(session, 0)
         request = SimRequest(row, session, int(w.turn_index[row]),
                              history + int(w.input_tokens[row]), history,
@@ -252,11 +288,14 @@ class Simulator:
             path, nbytes, on_done = request
             self.network.start(path, nbytes, t, on_done)
             return
+        if what == "wake":  # only stopped the nodes' steps here
+            return
         if what == "first":
             request.first_token_s = t
             self.scheduler.first_token(request.node, request.prefill_estimate)
             return
         session = request.session_id
+        self.ending.pop(session, None)
         decoding = not math.isnan(request.first_token_s)
         self.scheduler.ended(request.node, request.prefill_estimate, decoding)
         del self.running[session]

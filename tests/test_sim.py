@@ -143,25 +143,28 @@ def test_deterministic_and_conserving(name):
                                                     Linear()).requests.recomputed_tokens.sum()
 
 
-@pytest.mark.parametrize("name", ["recompute", "symphony"])
-def test_steady_decode_runs_take_the_steps_one_by_one_would(name):
-    """``advance`` takes runs of decode-only steps at once; the requests' times and counts are
-    those of stepping one by one (times to float32 rounding)."""
+@pytest.mark.parametrize("name", ["recompute", "sticky_offload", "symphony"])
+def test_long_runs_decide_as_stepping_one_at_a_time(name):
+    """Nodes run many steps per call, and steady decode steps many at once; the requests'
+    nodes, counts and times are those of one step per call (times to float32 rounding), and
+    the host tier's prefetches and admissions happen at the same steps."""
     schedule, config = chat(sessions=12, users=6), SimConfig(CONFIG, num_nodes=2)
-    runs = {}
-    for decode_run in (1, node_module.DECODE_RUN):
+    runs = []
+    for stretch, decode_run in ((1, 1), (node_module.STRETCH_STEPS, node_module.DECODE_RUN)):
         sim = Simulator(schedule, name, config, Linear())
         for node in sim.nodes:
-            node.decode_run = decode_run
-        runs[decode_run] = (sim.run(), sum(n.steps for n in sim.nodes),
-                            sum(n.rounds for n in sim.nodes))
-    (one, steps, rounds), (fast, fast_steps, fast_rounds) = runs.values()
+            node.stretch_steps, node.decode_run = stretch, decode_run
+        runs.append((sim.run(), sum(n.steps for n in sim.nodes),
+                     sum(n.rounds for n in sim.nodes)))
+    (one, steps, rounds), (fast, fast_steps, fast_rounds) = runs
     assert fast_steps == steps == rounds and fast_rounds < steps / 2
     a, b = one.requests, fast.requests
     for field in ("request_id", "node", "output_tokens", "prefill_tokens", "recomputed_tokens"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     for field in ("arrival_s", "first_token_s", "finish_s"):
         np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5)
+    if name == "symphony":
+        assert len(fast.transfers) > 0
 
 
 def test_reaction_time_of_a_closed_loop_is_its_least_think_time():
@@ -217,7 +220,7 @@ def test_same_batching_decisions_as_the_real_engine():
     node = SimNode(0, config, Policy(), Linear(), lambda *a: None)
     for i, (p, o) in enumerate(zip(prompts, outputs)):
         node.submit(SimRequest(i, i, 0, int(p), 0, int(o), 0.0))
-    assert node.admit(0.0) == []
+    assert node.admit() == []
     sim_plans = []
     while node.requests:
         out = node.run(math.inf, max_steps=1)

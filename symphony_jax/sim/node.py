@@ -152,11 +152,12 @@ def _decode_run(state: S.SchedulerState, start, elapsed, steps, horizon, *, cost
 
 @functools.partial(jax.jit, donate_argnames="state",
                    static_argnames=("limits", "policy", "cost", "max_steps", "decode_run"))
-def advance(state: S.SchedulerState, start, horizon, *, limits, policy: Policy, cost,
-            max_steps: int, decode_run: int = 1):
+def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, policy: Policy,
+            cost, max_steps: int, decode_run: int = 1):
     """Run steps from time ``start``: one, then more while less than ``horizon`` seconds have
     passed, at most ``max_steps``, stopping after a step where a request finishes, that ran
-    nothing, or that copies K,V (the caller starts its copies). Returns the state and the
+    nothing, that copies K,V (the caller starts its copies), or that leaves ``wake_free`` free
+    blocks or more (the caller has a copy waiting for them). Returns the state and the
     ``Stretch``, packed.
 
     Steps that only decode (``_steady``) are taken up to ``decode_run`` at a time, in closed
@@ -220,9 +221,10 @@ def advance(state: S.SchedulerState, start, horizon, *, limits, policy: Policy, 
         return jax.lax.cond(_steady(carry[0], limits), steady_or_step, step, carry)
 
     def going(carry):
-        _, out = carry
+        state, out = carry
         return (~out.finished.any() & ~out.copies & ~out.idle & (out.steps < max_steps)
-                & ((out.steps == 0) | (out.elapsed < horizon)))
+                & ((out.steps == 0) | ((out.elapsed < horizon)
+                                       & (state.blocks.free_top.min() < wake_free))))
 
     out = jax.tree.map(jnp.asarray, Stretch.empty(R))
     state, out = jax.lax.while_loop(going, body, (state, out))
@@ -293,6 +295,7 @@ class SimNode:
         self.free_blocks = config.cache.num_device_blocks - 1
         self.steps = 0  # steps run
         self.rounds = 0  # scheduler calls they took (a steady run is one)
+        self.stretch_steps = STRETCH_STEPS  # most steps one ``run`` takes
         self.decode_run = DECODE_RUN  # 1: step one by one
 
     # ------------------------------------------------------------ requests
@@ -310,15 +313,17 @@ class SimNode:
         slots = np.flatnonzero(self.slot_session == session_id)
         return any(int(s) in self.arriving or int(s) in self.prefetching for s in slots)
 
-    def admit(self, now: float) -> list[SimRequest]:
-        """Admit pending requests (those whose session's K,V is not arriving); returns the
-        rejected ones."""
-        ready, waiting = [], []
-        for r in self.pending:
-            (waiting if len(ready) == ADMIT_BATCH or self.held(r.session_id) else ready).append(r)
-        if not ready:
-            return []
-        self.pending = waiting
+    def admit(self) -> list[SimRequest]:
+        """Admit the pending requests whose session's K,V is not arriving (the engine admits
+        what is waiting before each step); returns the rejected ones."""
+        rejected = []
+        while ready := [r for r in self.pending if not self.held(r.session_id)][:ADMIT_BATCH]:
+            taken = {r.request_id for r in ready}
+            self.pending = [r for r in self.pending if r.request_id not in taken]
+            rejected += self._admit(ready)
+        return rejected
+
+    def _admit(self, ready: list[SimRequest]) -> list[SimRequest]:
         MB = self.config.max_blocks_per_seq
         new = S.new_requests([r.request_id for r in ready], [r.prompt_len for r in ready],
                              [r.max_new_tokens for r in ready],
@@ -348,14 +353,16 @@ class SimNode:
 
     # ------------------------------------------------------------ stepping
 
-    def run(self, horizon: float, max_steps: int = STRETCH_STEPS) -> Stretch:
+    def run(self, horizon: float, max_steps: int | None = None) -> Stretch:
         """Steps from ``self.clock`` while before ``horizon`` (see ``advance``); moves the
         clock and starts the copies of its last step."""
         start = self.clock
         limit = np.float32(min(horizon - start, 3.0e38))
-        self.state, out = advance(self.state, np.float32(start), limit,
+        wake = min(map(self._blocks_to_prefetch, self.to_prefetch),
+                   default=np.iinfo(np.int32).max)
+        self.state, out = advance(self.state, np.float32(start), limit, np.int32(wake),
                                   limits=self.config.scheduler, policy=self.policy,
-                                  cost=self.cost, max_steps=max_steps,
+                                  cost=self.cost, max_steps=max_steps or self.stretch_steps,
                                   decode_run=self.decode_run)
         out = Stretch.unpack(self.config.scheduler.slots, *jax.device_get(out))
         self.steps += int(out.steps)
@@ -511,7 +518,7 @@ class SimNode:
 
     def prefetch(self, now: float, instant: bool = False) -> None:
         """Copy migrated sessions into free blocks, in slot order while they fit."""
-        need = lambda slot: -(-int(self.stored[slot]) // self.block_size)
+        need = self._blocks_to_prefetch
         slots = [s for s in sorted(self.to_prefetch) if need(s) <= self.free_blocks]
         if not slots:
             return
@@ -526,6 +533,9 @@ class SimNode:
             generation = self.generation[slot]
             self.launch(now, self.pcie, nbytes,
                         functools.partial(self._prefetched, slot, generation))
+
+    def _blocks_to_prefetch(self, slot: int) -> int:
+        return -(-int(self.stored[slot]) // self.block_size)
 
     def _prefetched(self, slot: int, generation: int, t: float) -> None:
         if generation == self.generation[slot] and slot in self.prefetching:

@@ -178,7 +178,7 @@ class Simulator:
 
     def _step(self, node: SimNode, horizon: float) -> None:
         node.prefetch(node.clock, instant=self.free)
-        for request in node.admit(node.clock):
+        for request in node.admit():
             self._report(node.clock, ("end", request))
         if not node.requests:  # its requests wait for K,V on its way here (or none left)
             node.idle = all(node.held(r.session_id) for r in node.pending)

@@ -116,7 +116,7 @@ def _budget(want: jax.Array, limits: SchedulerConfig, chunked: bool) -> jax.Arra
     return jnp.where(jnp.cumsum(got > 0) <= limits.max_num_seqs, got, 0)
 
 
-def _blocks_needed(cached: jax.Array, tokens: jax.Array, block_size: int) -> jax.Array:
+def blocks_needed(cached: jax.Array, tokens: jax.Array, block_size: int) -> jax.Array:
     return -(-(cached + tokens) // block_size) - (-(-cached // block_size))
 
 
@@ -133,7 +133,7 @@ def _reserve(table: bt.BlockTable, grant: jax.Array, batch: jax.Array,
     ``chunk`` at a time, as wide as a whole budget — or a whole sequence when ``restores``
     (a restored slot reserves its host tokens too) — so the work follows what is reserved."""
     R = grant.shape[0]
-    need = _blocks_needed(table.num_tokens[0], grant, table.block_size)
+    need = blocks_needed(table.num_tokens[0], grant, table.block_size)
     head = batch[: limits.max_num_seqs]
     narrow = (grant > 0) & (need <= 1) & jnp.zeros(R, bool).at[head].set(True)
     table, _ = bt.reserve(table, jnp.where(narrow[head], head, R), grant[head], max_new_blocks=1)
@@ -178,7 +178,7 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
     def needs(room: _Room, mask) -> jax.Array:
         tokens = room.table.num_tokens[0]
         grant = room.grant + jnp.where(room.grant > 0, from_host, 0)
-        return jnp.where(mask, _blocks_needed(tokens, grant, room.table.block_size), 0)
+        return jnp.where(mask, blocks_needed(tokens, grant, room.table.block_size), 0)
 
     def running_deficit(room: _Room) -> jax.Array:
         return needs(room, room.status == S.RUNNING).sum() - free_blocks(room.table)

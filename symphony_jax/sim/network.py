@@ -55,13 +55,13 @@ class Network:
         """When the next flow completes at the current rates (``inf``: none in flight). With
         ``links``: the next completion that can change the flows crossing them (theirs, or
         that of a flow linked to them through shared links: its end changes their rates)."""
-        flows = self.flows
-        if links is not None:
-            reach, grew = set(links), True
-            while grew:
-                crossing = [f for f in flows if not reach.isdisjoint(f.path)]
-                grew = len(reach) < len(reach := reach.union(*(f.path for f in crossing)))
-            flows = crossing
+        flows, reach = self.flows, set(links or ())
+        while links is not None:  # widen to the links of the flows crossing them, until closed
+            flows = [f for f in self.flows if not reach.isdisjoint(f.path)]
+            wider = reach.union(*(f.path for f in flows))
+            if wider == reach:
+                break
+            reach = wider
         return min((self.now + _duration(f) for f in flows), default=math.inf)
 
     def advance(self, now: float) -> list[Flow]:

@@ -135,17 +135,16 @@ def _decode_run(state: S.SchedulerState, start, elapsed, steps, horizon, *, cost
     that would expire a retained K,V, or a step that starts at or after ``horizon``."""
     r, table = state.requests, state.blocks
     running = r.status == S.RUNNING
-    cached = state.cached_tokens
-    j = jnp.arange(run, dtype=i32)[:, None]
-    dt = cost.run_times(running.astype(i32), cached, run)
+    ahead = jnp.arange(run, dtype=i32)  # steps from now
+    dt = cost.run_times(running.astype(i32), state.cached_tokens, run)
     begins = elapsed + jnp.cumsum(dt) - dt  # when each step starts, after ``start``
-    blocks = lambda tokens: -(-tokens // table.block_size)
-    new_blocks = jnp.where(running, blocks(cached + j + 1) - blocks(cached), 0).sum(-1)
+    new_blocks = jnp.where(running, scheduler_step.blocks_needed(
+        state.cached_tokens, ahead[:, None] + 1, table.block_size), 0).sum(-1)
     left = jnp.where(running, r.max_new_tokens - r.num_generated, jnp.iinfo(i32).max).min()
     expiry = jnp.where(r.status == S.FINISHED, r.expiry, jnp.inf).min()
-    step = steps + j[:, 0]
+    step = steps + ahead
     ok = (((step == 0) | (begins < horizon)) & (step < max_steps)
-          & (new_blocks <= table.free_top.min()) & (j[:, 0] + 1 < left)
+          & (new_blocks <= table.free_top.min()) & (ahead + 1 < left)
           & (jnp.asarray(start, f32) + begins < expiry))
     return jnp.where(ok.all(), run, jnp.argmin(ok)).astype(i32), dt
 

@@ -102,6 +102,11 @@ class _Migration:
     end_s: float = math.nan
 
 
+def _first_time(heap: list[tuple]) -> float:
+    """When a heap of timed entries has its first (inf: empty)."""
+    return heap[0][0] if heap else math.inf
+
+
 def reaction_s(schedule: Schedule) -> float:
     """The least delay between a request's finish and an event it triggers (inf: none)."""
     rows = np.arange(schedule.num_rows)
@@ -155,9 +160,8 @@ class Simulator:
         while self.ended < self.schedule.num_rows:
             ready = [n for n in self.nodes if n.busy and not n.idle and not n.waiting_on]
             node = min(ready, key=lambda n: n.clock, default=None)
-            t_change = self.events[0][0] if self.events else math.inf
-            t_event = min(t_change, self.network.next_completion(),
-                          self.notes[0][0] if self.notes else math.inf)
+            t_change = _first_time(self.events)
+            t_event = min(t_change, self.network.next_completion(), _first_time(self.notes))
             if min(t_event, node.clock if node else math.inf) >= until_s:
                 break
             if node is None or t_event <= node.clock:
@@ -169,8 +173,7 @@ class Simulator:
                 continue
             # What a finish triggers comes ``reaction`` after it, at the earliest: a finish is
             # no earlier than the other nodes' clocks or a note not yet applied.
-            others = min([n.clock for n in ready if n is not node]
-                         + [note[0] for note in self.notes[:1]], default=math.inf)
+            others = min([n.clock for n in ready if n is not node] + [_first_time(self.notes)])
             self._step(node, min(t_change, others + self.reaction,
                                  self.network.next_completion(node.links)))
         bar.close()

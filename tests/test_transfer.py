@@ -127,6 +127,22 @@ def test_offload_then_restore_into_other_blocks_is_bit_identical(groups, dtype, 
                                           bits(dst_before[name][layer][:, untouched]))
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), layers=st.integers(1, 3), num_blocks=st.integers(1, 5))
+def test_both_ways_of_writing_blocks_match_numpy(seed, layers, num_blocks):
+    """``scatter`` runs ``_put_by_slices`` on CPU and ``_put_by_scatter`` elsewhere: both are
+    checked here, on CPU, against numpy's indexed assignment (each layer its own block ids)."""
+    rng = np.random.default_rng(seed)
+    pages = rng.standard_normal((layers, 2, 8, BS, 3)).astype(np.float32)
+    new = rng.standard_normal((layers, 2, num_blocks, BS, 3)).astype(np.float32)
+    ids = np.stack([rng.permutation(8)[:num_blocks] for _ in range(layers)]).astype(np.int32)
+    expected = pages.copy()
+    for layer in range(layers):
+        expected[layer][:, ids[layer]] = new[layer]
+    for put in (transfer._put_by_slices, transfer._put_by_scatter):
+        np.testing.assert_array_equal(np.asarray(jax.jit(put)(pages, ids, new)), expected)
+
+
 @given(first=st.integers(0, 1000), num_blocks=st.integers(0, 1000),
        largest=st.sampled_from([1, 2, 4, 64, 1024]))
 def test_split_into_power_of_two_runs(first, num_blocks, largest):

@@ -100,7 +100,8 @@ def layer_block_ids(block_ids: jax.Array, slot, first_block, num_blocks: int,
 def _gather_to(sharding: SingleDeviceSharding):
     def gather(pool: KVPool, block_ids, slot, first_block, *, num_blocks, layer_groups):
         ids = layer_block_ids(block_ids, slot, first_block, num_blocks, layer_groups)
-        take = jax.vmap(lambda pages, ids: pages[:, ids])  # over layers
+        # "clip": XLA:CPU's gather runs about 4x faster than with the default out-of-bounds fill
+        take = jax.vmap(lambda pages, ids: jnp.take(pages, ids, axis=1, mode="clip"))
         return take(pool.k, ids), take(pool.v, ids)
 
     return jax.jit(gather, static_argnames=("num_blocks", "layer_groups"),
@@ -136,5 +137,25 @@ def scatter(pool: KVPool, k: jax.Array, v: jax.Array, block_ids: jax.Array, slot
     """Write a device chunk ``k, v: [L, KVH, n, BS, D]`` into ``slot``'s blocks from column
     ``first_block`` on (``block_ids``: the table's, after the blocks were reserved)."""
     ids = layer_block_ids(block_ids, slot, first_block, k.shape[2], layer_groups)
-    put = jax.vmap(lambda pages, ids, new: pages.at[:, ids].set(new))  # over layers
-    return KVPool(put(pool.k, ids, k), put(pool.v, ids, v))
+    put = lambda pages, new: jax.lax.platform_dependent(pages, ids, new, cpu=_put_by_slices,
+                                                        default=_put_by_scatter)
+    return KVPool(put(pool.k, k), put(pool.v, v))
+
+
+def _put_by_scatter(pages: jax.Array, ids: jax.Array, new: jax.Array) -> jax.Array:
+    """``pages: [L, KVH, NB, BS, D]`` with ``new: [L, KVH, n, BS, D]`` at blocks ``ids: [L, n]``."""
+    return jax.vmap(lambda pages, ids, new: pages.at[:, ids].set(new))(pages, ids, new)
+
+
+def _put_by_slices(pages: jax.Array, ids: jax.Array, new: jax.Array) -> jax.Array:
+    """``_put_by_scatter`` as a loop of in-place block updates, one layer's block at a time:
+    XLA:CPU runs it about 2.5x faster than the scatter (a GPU, many times slower)."""
+    num_blocks = ids.shape[1]
+
+    def put_block(i, pages):
+        layer, block = i // num_blocks, i % num_blocks
+        piece = jax.lax.dynamic_slice(new, (layer, 0, block, 0, 0), (1, *new.shape[1:2], 1,
+                                                                     *new.shape[3:]))
+        return jax.lax.dynamic_update_slice(pages, piece, (layer, 0, ids[layer, block], 0, 0))
+
+    return jax.lax.fori_loop(0, ids.size, put_block, pages)

@@ -105,3 +105,20 @@ def test_cli_simulate_prints_the_metrics(tmp_path, capsys):
                      "--seconds", "30", "--out", str(out)]) == 0
     assert "ttft_s.mean" in capsys.readouterr().out
     assert "request_id" in rows_of(out)[0]
+
+
+@pytest.mark.parametrize("workload", ["mooncake", "ragpulse"])
+def test_figures_run_on_the_real_traces(tmp_path, workload):
+    """Trace prompts are long (documents, retrieved context): without the typing cap, no
+    request of these users would arrive within the simulated minute."""
+    result = main_result.run(tmp_path, quick=True, systems=("symphony",), users=(8,),
+                             workload=workload, **TINY)
+    (row,) = rows_of(result.files[0])
+    assert float(row["finished"]) > 0 and np.isfinite(float(row["normalized_latency_s.mean"]))
+
+
+def test_a_study_with_nothing_in_its_window_says_so(tmp_path):
+    with pytest.raises(ValueError, match=r"no request \(sharegpt\) arrived in the measured "
+                                         r"window \[50, 50\] s"):
+        main_result.run(tmp_path, quick=True, systems=("recompute",), users=(2,),
+                        **{**TINY, "warmup_s": 50.0, "think_speedup": 0.01})

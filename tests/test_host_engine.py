@@ -102,6 +102,29 @@ def test_host_retention_restores_the_history():
     check_blocks(engine)
 
 
+def test_a_migrated_session_evicts_the_least_recently_used_idle_one():
+    """With every slot holding an idle session, a session migrating in takes the least recently
+    used one's slot (as a fresh request would at admission) and continues exactly."""
+    src, dst = host_engine(), host_engine()
+    first, second = prompts(2, [20, 6])
+    turn1 = src.add_request(first, GREEDY, session_id=7)
+    run(src)
+    others = [100 + i for i in range(dst.config.scheduler.slots)]
+    for session, prompt in zip(others, prompts(3, [6] * len(others))):
+        dst.add_request(prompt, GREEDY, session_id=session)
+        run(dst)  # one at a time: session 100 is the least recently used
+    chunks, tokens = src.export_session(7, transfer.jax.devices()[0])
+    assert dst.import_session(7, chunks, tokens)
+    assert sorted(dst.slot_session.tolist()) == sorted([7, *others[1:]])
+    history = first + src.result(turn1).token_ids
+    turn2 = dst.add_request(second, GREEDY, session_id=7, history=history)
+    run(dst)
+    expected = Engine(ROOMY, PARAMS).generate([history + second], GREEDY)[0].token_ids
+    assert dst.result(turn2).token_ids == expected
+    assert counts_of(dst, turn2) == (1 + len(second), 0)
+    check_blocks(dst)
+
+
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_a_restore_wider_than_a_steps_budget(layerwise):
     """A history of 11 blocks comes back at once: more blocks than a step's token budget

@@ -1,5 +1,6 @@
 """Chat schedules: closed loop against a plain event-loop reference, open loop, advisory knobs."""
 
+import dataclasses
 import heapq
 import pathlib
 
@@ -27,7 +28,8 @@ def workload_of(sessions) -> Workload:
 
 def reference_closed_loop(w: Workload, num_users: int, service: np.ndarray, think: ThinkTime):
     """Arrivals and advisory times by walking each user's turns in plain Python (no extra gap,
-    no stagger): after a finish, read the answer, then type the next prompt."""
+    no stagger): after a finish, read the answer, then type the next prompt (pasting it if
+    typing would take longer than ``think.max_typing_s``)."""
     arrival, advisory = {}, {}
     for user in range(num_users):
         clock, previous_output = 0.0, None
@@ -35,7 +37,8 @@ def reference_closed_loop(w: Workload, num_users: int, service: np.ndarray, thin
             for row in range(w.session_starts[position], w.session_starts[position + 1]):
                 reading = 0.0 if previous_output is None else \
                     previous_output * 60.0 / think.tokens_per_word / think.reading_wpm
-                typing = w.input_tokens[row] * 60.0 / think.tokens_per_word / think.typing_wpm
+                typing = min(w.input_tokens[row] * 60.0 / think.tokens_per_word /
+                             think.typing_wpm, think.max_typing_s)
                 advisory[row] = clock + reading
                 arrival[row] = clock + reading + typing
                 clock = arrival[row] + service[row]
@@ -45,13 +48,15 @@ def reference_closed_loop(w: Workload, num_users: int, service: np.ndarray, thin
 
 @settings(max_examples=40)
 @given(sessions=sessions_strategy, num_users=st.integers(1, 4),
-       service=st.lists(st.floats(0.0, 50.0), min_size=40, max_size=40))
-def test_closed_loop_matches_a_plain_event_loop(sessions, num_users, service):
+       service=st.lists(st.floats(0.0, 50.0), min_size=40, max_size=40),
+       max_typing_s=st.sampled_from([np.inf, 30.0, 0.5]))
+def test_closed_loop_matches_a_plain_event_loop(sessions, num_users, service, max_typing_s):
     w = workload_of(sessions)
     service = np.asarray(service[:w.num_turns])
-    schedule = closed_loop(w, num_users, think=THINK, stagger_s=0.0)
+    think = dataclasses.replace(THINK, max_typing_s=max_typing_s)
+    schedule = closed_loop(w, num_users, think=think, stagger_s=0.0)
     events, arrival = schedule.replay(service)
-    want_arrival, want_advisory = reference_closed_loop(w, num_users, service, THINK)
+    want_arrival, want_advisory = reference_closed_loop(w, num_users, service, think)
     np.testing.assert_allclose(arrival, [want_arrival[r] for r in range(w.num_turns)],
                                rtol=1e-12, atol=1e-9)
     advisories = events.kind == ADVISORY
@@ -203,6 +208,8 @@ def test_bad_arguments_are_named():
         AdvisoryConfig(drop_fraction=1.5)
     with pytest.raises(ValueError, match="ThinkTime.typing_wpm=0"):
         ThinkTime(typing_wpm=0)
+    with pytest.raises(ValueError, match="ThinkTime.max_typing_s=0"):
+        ThinkTime(max_typing_s=0.0)
     with pytest.raises(ValueError, match="replay.service_s"):
         closed_loop(Workload([0, 0], [1, 1], [1, 1]), 1).replay()
     with pytest.raises(ValueError, match="after_finish.rows"):

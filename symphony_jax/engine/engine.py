@@ -283,7 +283,8 @@ class Engine:
         """Take ``session_id``'s K,V (``chunks`` in this device's host memory, possibly still
         in flight, covering ``tokens`` tokens) into an empty slot: host tier first, then free
         blocks. Its next request here waits until they are in (``HostKV.busy``). False when it
-        cannot: the session is active here, no slot is empty, or the host tier has no room."""
+        cannot: the session is active here, no slot is empty or idle (the least recently used
+        idle session is evicted for it), or the host tier has no room."""
         if self.host is None:
             raise ValueError("import_session: needs a host tier (a policy with uses_host)")
         slot, idle = self._idle_slot(session_id)
@@ -291,11 +292,14 @@ class Engine:
             return False
         if slot is not None:
             self.drop_session(session_id)  # an older copy of the session
-        status = np.asarray(jax.device_get(self.device.scheduler.requests.status))
-        empty = np.flatnonzero((status == S.EMPTY) & (self.slot_request < 0))
-        if not len(empty):
+        r = self.device.scheduler.requests
+        status, last_used = jax.device_get((r.status, r.last_used))
+        slot = admission.slot_to_adopt(status, last_used, self.slot_request < 0)
+        if slot is None:
             return False
-        slot, R = int(empty[0]), self.config.scheduler.slots
+        if status[slot] != S.EMPTY:
+            self.drop_session(int(self.slot_session[slot]))  # the least recently used
+        R = self.config.scheduler.slots
         self.device = dataclasses.replace(self.device, scheduler=tiers.adopt(
             self.device.scheduler, jnp.asarray(batch.padded([slot], R, R)),
             jnp.asarray(batch.padded([session_id], R, S.NO_SESSION)), self.now()))

@@ -30,6 +30,10 @@ from symphony_jax.workloads import traces
 from symphony_jax.workloads.sharegpt_synth import truncate_to_context
 
 WORKLOADS = ("sharegpt", "mooncake", "ragpulse")
+# Trace prompts carry documents and retrieved context: typing one at 40 words a minute would take
+# over 20 minutes (Mooncake's median prompt), so a user types for at most this long (a person's
+# time; ``think_speedup`` divides it) and pastes the rest.
+TRACE_TYPING_S = 30.0
 TRACE_FILES = {"mooncake": "mooncake/conversation_trace_sessions_reconstructed.csv",
                "ragpulse": "ragpulse/0_trace.jsonl"}
 # A request meets the SLO when its TTFT and TPOT are within these; a load point meets it
@@ -49,7 +53,13 @@ class Study:
     seconds: float = 600.0  # simulated
     warmup_s: float = 120.0  # requests arriving before are left out of the metrics,
     drain_s: float = 60.0  # and those arriving in the last drain_s (they may not finish)
-    think_speedup: float = 1.0  # reading and typing this many times faster than a person
+    # Users read and type at these speeds (words a minute), times ``think_speedup``. The
+    # advisory is sent when typing starts, so typing sets its lead: 40 wpm gives ShareGPT-like
+    # prompts a mean lead of 106 s; the paper measured 11.3 s, which ``ThinkTime``'s calibrated
+    # 376 wpm gives.
+    reading_wpm: float = 250.0
+    typing_wpm: float = 40.0
+    think_speedup: float = 1.0
     workload: str = "sharegpt"
     data_dir: str = "experiments/data"
     max_num_seqs: int = 256
@@ -89,8 +99,10 @@ class Study:
         """``users`` closed-loop users on this study's workload (enough sessions to last);
         kept for the next systems of a sweep (traces are read once)."""
         limit = self.max_model_len - 1024  # room for the last answer
-        think = ThinkTime(reading_wpm=250 * self.think_speedup,
-                          typing_wpm=40 * self.think_speedup)
+        typing_s = math.inf if self.workload == "sharegpt" else TRACE_TYPING_S
+        think = ThinkTime(reading_wpm=self.reading_wpm * self.think_speedup,
+                          typing_wpm=self.typing_wpm * self.think_speedup,
+                          max_typing_s=typing_s / self.think_speedup)
         if self.workload == "sharegpt":
             work = sharegpt_like(users * 8, ShareGPTLike(max_context_tokens=limit), seed=seed)
         else:
@@ -106,9 +118,19 @@ class Study:
         return simulate(self.schedule(users, seed, advisories), system, self.config, self.cost,
                         until_s=self.seconds)
 
+    def check_window(self, records: ClusterRecords) -> None:
+        """Raise if no request arrived in the measured window (its metrics would all be NaN)."""
+        arrivals, (lo, hi) = records.requests.arrival_s, self.window
+        if not np.any((arrivals >= lo) & (arrivals <= hi)):
+            raise ValueError(
+                f"Study: no request ({self.workload}) arrived in the measured window "
+                f"[{lo:g}, {hi:g}] s of {self.seconds:g} simulated s: raise `seconds` or "
+                "`think_speedup`")
+
 
 def point(study: Study, records: ClusterRecords) -> dict[str, float]:
     """The latency and throughput of one run, over requests arriving in the study's window."""
+    study.check_window(records)
     s = metrics.summarize(records.requests, steps=records.steps, slo=SLO, window=study.window,
                           bin_s=1.0)
     keys = ("requests", "finished", "normalized_latency_s.mean", "tpot_s.mean", "ttft_s.p50",

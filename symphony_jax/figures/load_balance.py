@@ -31,8 +31,10 @@ def run(out, *, quick: bool = False, seed: int = 0, progress: bool = False,
     timelines, rows = {}, []
     bar = progress_bar(len(SYSTEMS), progress, unit="run")
     for name in SYSTEMS:
-        steps = s.simulate(name, users, seed).steps
-        timeline = metrics.node_timeline(steps, "load", 1.0, window=(s.warmup_s, s.seconds))
+        records = s.simulate(name, users, seed)
+        s.check_window(records)
+        timeline = metrics.node_timeline(records.steps, "load", 1.0,
+                                         window=(s.warmup_s, s.seconds))
         ratio = metrics.imbalance(timeline["value"])
         timelines[name] = timeline
         rows.append({"system": name, "imbalance_mean": float(np.nanmean(ratio)),

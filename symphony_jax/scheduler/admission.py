@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from symphony_jax.config import SchedulerConfig
 from symphony_jax.memory import block_table as bt
@@ -131,6 +132,18 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
         host_tokens=jnp.where(stale, 0, r.host_tokens),
     )
     return S.SchedulerState(requests, table, cache), slot.astype(i32), reason
+
+
+def slot_to_adopt(status: np.ndarray, last_used: np.ndarray, free: np.ndarray) -> int | None:
+    """The slot a session migrating in takes (host-side, on the requests' ``status`` and
+    ``last_used``): like a fresh slot at admission, an empty one, else the least recently used
+    idle session's, which the caller evicts; None if neither. ``free``: bool[R], the slots the
+    caller has no other use for."""
+    key = np.where(status == S.EMPTY, -np.inf,
+                   np.where(np.isin(status, IDLE), last_used, np.inf))
+    key = np.where(free, key, np.inf)
+    slot = int(np.argmin(key))
+    return slot if key[slot] < np.inf else None
 
 
 @functools.partial(jax.jit, donate_argnames="state")

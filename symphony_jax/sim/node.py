@@ -488,14 +488,19 @@ class SimNode:
         return max(cached, self.host.tokens(slot))
 
     def import_session(self, session_id: int, tokens: int) -> int | None:
-        """Adopt an empty slot for ``session_id`` whose K,V (``tokens``) is on its way to this
-        host tier; returns the slot, or None (no empty slot, no room)."""
+        """Adopt a slot for ``session_id`` whose K,V (``tokens``) is on its way to this host
+        tier (an empty one, else the least recently used idle session's, evicted); returns the
+        slot, or None (no such slot, no room)."""
         self.drop_session(session_id)
-        status = np.asarray(jax.device_get(self.state.requests.status))
-        empty = np.flatnonzero((status == S.EMPTY) & (self.slot_request < 0))
-        if not len(empty):
+        r = self.state.requests
+        status, last_used = jax.device_get((r.status, r.last_used))
+        free = self.slot_request < 0
+        free[list(self.arriving | self.prefetching)] = False
+        slot = admission.slot_to_adopt(status, last_used, free)
+        if slot is None:
             return None
-        slot = int(empty[0])
+        if status[slot] != S.EMPTY:
+            self.drop_session(int(self.slot_session[slot]))  # the least recently used
         self.state = tiers.adopt(self.state, self._slots([slot]), self._values([session_id]),
                                  self.clock)
         self._forget(slot)

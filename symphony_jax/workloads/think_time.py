@@ -5,7 +5,9 @@ After a response finishes, a chat user
 1. reads it: ``output_tokens / tokens_per_word`` words at ``reading_wpm``;
 2. may stay idle for an extra gap drawn from ``extra`` (none, exponential, or resampled from
    a trace);
-3. types the next prompt: ``input_tokens / tokens_per_word`` words at ``typing_wpm``.
+3. types the next prompt: ``input_tokens / tokens_per_word`` words at ``typing_wpm``, for at
+   most ``max_typing_s`` (a longer prompt is pasted: trace prompts that carry documents or
+   retrieved context would otherwise take minutes to "type").
 
 The client sends the advisory for the next turn when typing starts (SYMPHONY, NSDI'26 §3.1), so
 an advisory's lead time is the typing time.
@@ -95,9 +97,10 @@ class ThinkTime:
     typing_wpm: float = TYPING_WPM
     tokens_per_word: float = TOKENS_PER_WORD
     extra: Gap = NoGap()
+    max_typing_s: float = np.inf
 
     def __post_init__(self):
-        for field in ("reading_wpm", "typing_wpm", "tokens_per_word"):
+        for field in ("reading_wpm", "typing_wpm", "tokens_per_word", "max_typing_s"):
             check_number("ThinkTime", field, getattr(self, field), 0.0, low_open=True)
         if not isinstance(self.extra, (NoGap, ExponentialGap, EmpiricalGap)):
             fail("ThinkTime", "extra", self.extra, "a NoGap, ExponentialGap or EmpiricalGap")
@@ -109,5 +112,6 @@ class ThinkTime:
 
     def typing_s(self, input_tokens: np.ndarray) -> np.ndarray:
         """f64: seconds to type prompts of ``input_tokens`` tokens (the advisory lead)."""
-        return np.asarray(input_tokens, np.float64) * (60.0 / self.tokens_per_word /
-                                                       self.typing_wpm)
+        seconds = np.asarray(input_tokens, np.float64) * (60.0 / self.tokens_per_word /
+                                                          self.typing_wpm)
+        return np.minimum(seconds, self.max_typing_s)

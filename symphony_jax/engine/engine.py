@@ -281,10 +281,10 @@ class Engine:
     def import_session(self, session_id: int, chunks: tuple[transfer.Chunk, ...],
                        tokens: int) -> bool:
         """Take ``session_id``'s K,V (``chunks`` in this device's host memory, possibly still
-        in flight, covering ``tokens`` tokens) into an empty slot: host tier first, then free
-        blocks. Its next request here waits until they are in (``HostKV.busy``). False when it
-        cannot: the session is active here, no slot is empty or idle (the least recently used
-        idle session is evicted for it), or the host tier has no room."""
+        in flight, covering ``tokens`` tokens) into a slot (an empty one, else the least
+        recently used idle session's, evicted): host tier first, then free blocks. Its next
+        request here waits until they are in (``HostKV.busy``). False when it cannot: the
+        session is active here, no slot is empty or idle, or the host tier has no room."""
         if self.host is None:
             raise ValueError("import_session: needs a host tier (a policy with uses_host)")
         slot, idle = self._idle_slot(session_id)

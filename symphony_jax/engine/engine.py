@@ -292,12 +292,11 @@ class Engine:
             return False
         if slot is not None:
             self.drop_session(session_id)  # an older copy of the session
-        r = self.device.scheduler.requests
-        status, last_used = jax.device_get((r.status, r.last_used))
-        slot = admission.slot_to_adopt(status, last_used, self.slot_request < 0)
-        if slot is None:
+        chosen = admission.slot_to_adopt(self.device.scheduler.requests, self.slot_request < 0)
+        if chosen is None:
             return False
-        if status[slot] != S.EMPTY:
+        slot, held = chosen
+        if held:
             self.drop_session(int(self.slot_session[slot]))  # the least recently used
         R = self.config.scheduler.slots
         self.device = dataclasses.replace(self.device, scheduler=tiers.adopt(

@@ -154,8 +154,8 @@ def _put_by_slices(pages: jax.Array, ids: jax.Array, new: jax.Array) -> jax.Arra
 
     def put_block(i, pages):
         layer, block = i // num_blocks, i % num_blocks
-        piece = jax.lax.dynamic_slice(new, (layer, 0, block, 0, 0), (1, *new.shape[1:2], 1,
-                                                                     *new.shape[3:]))
+        piece = jax.lax.dynamic_slice(new, (layer, 0, block, 0, 0),
+                                      (1, new.shape[1], 1, *new.shape[3:]))
         return jax.lax.dynamic_update_slice(pages, piece, (layer, 0, ids[layer, block], 0, 0))
 
     return jax.lax.fori_loop(0, ids.size, put_block, pages)

@@ -134,16 +134,17 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
     return S.SchedulerState(requests, table, cache), slot.astype(i32), reason
 
 
-def slot_to_adopt(status: np.ndarray, last_used: np.ndarray, free: np.ndarray) -> int | None:
-    """The slot a session migrating in takes (host-side, on the requests' ``status`` and
-    ``last_used``): like a fresh slot at admission, an empty one, else the least recently used
-    idle session's, which the caller evicts; None if neither. ``free``: bool[R], the slots the
-    caller has no other use for."""
+def slot_to_adopt(requests: S.Requests, free: np.ndarray) -> tuple[int, bool] | None:
+    """The slot a session migrating in takes, chosen on the host like a fresh slot at
+    admission: an empty one, else the least recently used idle session's. Returns the slot and
+    whether an idle session holds it (the caller evicts it), or None. ``free``: bool[R], the
+    slots the caller has no other use for."""
+    status, last_used = jax.device_get((requests.status, requests.last_used))
     key = np.where(status == S.EMPTY, -np.inf,
                    np.where(np.isin(status, IDLE), last_used, np.inf))
     key = np.where(free, key, np.inf)
     slot = int(np.argmin(key))
-    return slot if key[slot] < np.inf else None
+    return (slot, bool(status[slot] != S.EMPTY)) if key[slot] < np.inf else None
 
 
 @functools.partial(jax.jit, donate_argnames="state")

@@ -492,14 +492,13 @@ class SimNode:
         tier (an empty one, else the least recently used idle session's, evicted); returns the
         slot, or None (no such slot, no room)."""
         self.drop_session(session_id)
-        r = self.state.requests
-        status, last_used = jax.device_get((r.status, r.last_used))
         free = self.slot_request < 0
         free[list(self.arriving | self.prefetching)] = False
-        slot = admission.slot_to_adopt(status, last_used, free)
-        if slot is None:
+        chosen = admission.slot_to_adopt(self.state.requests, free)
+        if chosen is None:
             return None
-        if status[slot] != S.EMPTY:
+        slot, held = chosen
+        if held:
             self.drop_session(int(self.slot_session[slot]))  # the least recently used
         self.state = tiers.adopt(self.state, self._slots([slot]), self._values([session_id]),
                                  self.clock)

@@ -107,13 +107,19 @@ class CacheConfig:
 
     ``num_device_blocks`` counts block 0, the reserved null block, so
     ``num_device_blocks - 1`` blocks hold tokens. ``num_layer_groups`` splits the layers into
-    groups with their own block ids (1: every layer shares one block table).
+    groups with their own block table rows (1: every layer shares one), so that a sequence can
+    keep some groups' K,V on the device and not others; the groups share the pool, and a block
+    holds ``block_size`` tokens of one group's layers (``pool_layers``).
     """
 
     block_size: int = 16
     num_device_blocks: int = 1024
     num_host_blocks: int = 0
     num_layer_groups: int = 1
+
+    def pool_layers(self, num_layers: int) -> int:
+        """Layers whose K,V one block holds: those of the largest layer group."""
+        return -(-num_layers // self.num_layer_groups)
 
     def __post_init__(self):
         _check_ints(self, 1, "block_size", "num_layer_groups")
@@ -183,6 +189,12 @@ class EngineConfig:
         """The layer group of each layer: contiguous, balanced, lower layers in lower groups."""
         groups, layers = self.cache.num_layer_groups, self.model.num_layers
         return tuple(layer * groups // layers for layer in range(layers))
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of K and V that one block of the pool holds."""
+        return (self.model.kv_bytes_per_token() // self.model.num_layers
+                * self.cache.pool_layers(self.model.num_layers) * self.cache.block_size)
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

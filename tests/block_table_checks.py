@@ -13,26 +13,30 @@ def snapshot(table: bt.BlockTable) -> dict[str, np.ndarray]:
 
 def check_structure(table: dict[str, np.ndarray], block_size: int,
                     held_outside=None) -> None:
-    """Every block is free or referenced, never both; reference counts equal the table's
-    references plus those ``held_outside`` (int[G, NB], e.g. a cache's); rows hold distinct
-    blocks and nothing past their length; free + used equals the pool less the null block,
-    which is never free."""
+    """Every block is free or referenced, never both; reference counts equal the references of
+    every group's rows plus those ``held_outside`` (int[NB], e.g. a cache's); rows hold distinct
+    blocks and nothing past their length, and no two groups share a block; free + used equals
+    the pool less the null block, which is never free."""
     num_blocks = table["ref_counts"].shape[-1]
     max_blocks = table["block_ids"].shape[-1]
-    for g in range(table["free_top"].shape[0]):
-        block_ids, tokens = table["block_ids"][g], table["num_tokens"][g]
-        ref_counts, top = table["ref_counts"][g], int(table["free_top"][g])
+    references = np.zeros(num_blocks, np.int64)
+    owner = np.full(num_blocks, -1)
+    for g, (block_ids, tokens) in enumerate(zip(table["block_ids"], table["num_tokens"])):
         live = np.arange(max_blocks)[None, :] < -(-tokens // block_size)[:, None]
         assert (block_ids[~live] == 0).all(), "unused entries point at the null block"
         assert (block_ids[live] > 0).all() and (block_ids[live] < num_blocks).all()
         for row, n in zip(block_ids, live.sum(1)):
             assert len(set(row[:n])) == n, "a row holds a block twice"
-        references = np.bincount(block_ids[live], minlength=num_blocks)
-        if held_outside is not None:
-            references = references + held_outside[g]
-        np.testing.assert_array_equal(ref_counts, references, "reference counts")
-        free = table["free_stack"][g, :top]
-        assert len(set(free.tolist())) == top, "a block is free twice"
-        assert 0 not in free, "the null block was freed"
-        assert (ref_counts[free] == 0).all(), "a referenced block is free"
-        assert top + (ref_counts > 0).sum() == num_blocks - 1, "free + used == capacity"
+        used = np.unique(block_ids[live])
+        assert (owner[used] == -1).all(), "two layer groups share a block"
+        owner[used] = g
+        references += np.bincount(block_ids[live], minlength=num_blocks)
+    if held_outside is not None:
+        references = references + held_outside
+    ref_counts, top = table["ref_counts"], int(table["free_top"])
+    np.testing.assert_array_equal(ref_counts, references, "reference counts")
+    free = table["free_stack"][:top]
+    assert len(set(free.tolist())) == top, "a block is free twice"
+    assert 0 not in free, "the null block was freed"
+    assert (ref_counts[free] == 0).all(), "a referenced block is free"
+    assert top + (ref_counts > 0).sum() == num_blocks - 1, "free + used == capacity"

@@ -17,9 +17,11 @@ class PagedRun:
                  width=8, tokens=128, layer_groups=None):
         self.params, self.config, self.slots, self.tokens = params, config, slots, tokens
         self.groups = layer_groups or (0,) * config.num_layers
-        self.table = bt.create(slots, blocks, width, block_size, num_groups=max(self.groups) + 1)
-        self.pool = kv_cache.create(config, CacheConfig(block_size=block_size,
-                                                        num_device_blocks=blocks))
+        num_groups = max(self.groups) + 1  # the pool holds ``blocks`` blocks for every group
+        self.table = bt.create(slots, blocks * num_groups, width, block_size, num_groups)
+        self.pool = kv_cache.create(config, CacheConfig(
+            block_size=block_size, num_device_blocks=blocks * num_groups,
+            num_layer_groups=num_groups))
 
     def step(self, batch: list[tuple[int, np.ndarray]], decode: bool = False,
              all_logits: bool = False) -> np.ndarray:

@@ -19,13 +19,13 @@ def test_null_block_and_low_ids_first():
     table, ok = bt.allocate(bt.create(S, NB, MB, BS), [0, 1], [5, 4])
     assert np.asarray(ok).tolist() == [[True, True]]
     assert rows(table)[:2] == [[1, 2, 0, 0], [3, 0, 0, 0]]
-    assert int(bt.num_free_blocks(table)[0]) == NB - 1 - 3
+    assert int(bt.num_free_blocks(table)) == NB - 1 - 3
 
 
 def test_negative_slot_is_padding_not_the_last_slot():
     table, ok = bt.allocate(bt.create(S, NB, MB, BS), [-1, S], [4, 4])
     assert not np.asarray(ok).any()
-    assert not np.asarray(table.block_ids).any() and int(table.free_top[0]) == NB - 1
+    assert not np.asarray(table.block_ids).any() and int(table.free_top) == NB - 1
 
 
 def test_grants_in_batch_order_and_stops_at_first_misfit():
@@ -45,7 +45,7 @@ def test_fork_shares_full_blocks_and_copies_the_partial_one():
     assert np.asarray(ok).tolist() == [[True]]
     assert rows(table)[2] == [1, 2, 4, 0]
     assert (int(copies.src[0, 0]), int(copies.dst[0, 0])) == (3, 4)
-    assert np.asarray(table.ref_counts[0, :5]).tolist() == [0, 2, 2, 1, 1]
+    assert np.asarray(table.ref_counts[:5]).tolist() == [0, 2, 2, 1, 1]
     # Appending to the child writes only its own block; the parent is untouched.
     table, _ = bt.reserve(table, [2], [3])
     assert rows(table)[0] == [1, 2, 3, 0] and rows(table)[2] == [1, 2, 4, 5]
@@ -65,7 +65,7 @@ def test_max_new_blocks_bounds_the_growth_of_one_call():
 
 def test_length_beyond_table_width_fails():
     table, ok = bt.allocate(bt.create(S, NB, MB, BS), [0], [MB * BS + 1])
-    assert not np.asarray(ok).any() and int(table.free_top[0]) == NB - 1
+    assert not np.asarray(ok).any() and int(table.free_top) == NB - 1
 
 
 def test_huge_request_fails_instead_of_overflowing():
@@ -83,16 +83,30 @@ def test_slot_mapping_points_padding_out_of_range():
     assert np.asarray(mapping).tolist() == [[4, 9, sentinel, sentinel, sentinel, sentinel]]
 
 
-def test_groups_mask_touches_only_selected_groups():
+def test_groups_share_the_pool_and_the_mask_touches_only_selected_groups():
     table = bt.create(S, NB, MB, BS, num_groups=3)
     table, ok = bt.allocate(table, [0], [8], groups=np.array([True, True, False]))
     assert np.asarray(ok).tolist() == [[True], [True], [False]]
     assert np.asarray(table.num_tokens[:, 0]).tolist() == [8, 8, 0]
+    assert rows(table, 0)[0] == [1, 2, 0, 0] and rows(table, 1)[0] == [3, 4, 0, 0]
     mapping = np.asarray(bt.slot_mapping(table, [0], [7]))
-    assert mapping.tolist() == [[11], [11], [NB * BS]]
+    assert mapping.tolist() == [[11], [19], [NB * BS]]
     table = bt.free(table, [0], groups=np.array([False, True, False]))  # purge one group
     assert np.asarray(table.num_tokens[:, 0]).tolist() == [8, 0, 0]
-    assert np.asarray(bt.num_free_blocks(table)).tolist() == [NB - 3, NB - 1, NB - 1]
+    assert int(bt.num_free_blocks(table)) == NB - 3
+    # What the upper group gave back serves another group.
+    table, ok = bt.reserve(table, [1], [8], groups=np.array([False, False, True]))
+    assert np.asarray(ok).tolist() == [[False], [False], [True]] and rows(table, 2)[1] == [4, 3, 0, 0]
+
+
+def test_a_request_is_granted_in_every_group_or_in_none():
+    table = bt.create(S, 8, MB, BS, num_groups=2)  # 7 usable blocks
+    table, ok = bt.allocate(table, [0, 1, 2], [8, 8, 4])  # 4, then 4 (misfit), then 2
+    assert np.asarray(ok).tolist() == [[True, False, False], [True, False, False]]
+    assert int(table.free_top) == 3 and not np.asarray(table.num_tokens[:, 1:]).any()
+    table, ok = bt.reserve(table, [2], [4])  # 2 blocks: fits
+    assert np.asarray(ok).tolist() == [[True], [True]] and int(table.free_top) == 1
+    assert np.asarray(bt.can_allocate(table, [4, 0])).tolist() == [[False, True], [False, True]]
 
 
 def test_can_allocate_predicts_allocate():
@@ -106,7 +120,7 @@ def test_can_allocate_predicts_allocate():
 def test_values_never_recompile():
     table = bt.create(S, NB, MB, BS, num_groups=2)
     rng = np.random.default_rng(0)
-    for fn in (bt._allocate, bt._reserve, bt._free, bt._fork, bt._slot_mapping):
+    for fn in (bt._append_grouped, bt._free, bt._fork, bt._slot_mapping):
         fn.clear_cache()
     for _ in range(20):
         slots = jnp.asarray(rng.integers(-1, S + 1, 3), jnp.int32)
@@ -117,8 +131,9 @@ def test_values_never_recompile():
         table, _, _ = bt.fork(table, slots, slots[::-1], groups)
         bt.slot_mapping(table, slots, counts)
         table = bt.free(table, slots[:1], groups)
-    for fn in (bt._allocate, bt._reserve, bt._free, bt._fork, bt._slot_mapping):
+    for fn in (bt._free, bt._fork, bt._slot_mapping):
         assert fn._cache_size() == 1, fn
+    assert bt._append_grouped._cache_size() == 2  # allocate; reserve one block wide
 
 
 def test_table_is_donated():
@@ -146,7 +161,7 @@ def test_from_config_shapes():
                           SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32,
                                           max_model_len=100, num_slots=6))
     table = bt.from_config(config)
-    assert table.block_ids.shape == (2, 6, 13) and table.ref_counts.shape == (2, 64)
+    assert table.block_ids.shape == (2, 6, 13) and table.ref_counts.shape == (64,)
     assert table.block_size == 8 and table.max_tokens_per_seq == 104
 
 
@@ -157,6 +172,8 @@ def test_from_config_shapes():
     (lambda t: bt.free(t, [0], groups=[True, False]), r"groups must be bool\[1\]"),
     (lambda t: bt.reserve(t, [0], [1], max_new_blocks=0), "max_new_blocks=0"),
     (lambda t: bt.fork(t, [0], [1, 2]), "dst has length 2, expected 1"),
+    (lambda t: bt.adopt(bt.create(S, NB, MB, BS, num_groups=2), [0], [[1, 0, 0, 0]], [1]),
+     "2 layer groups; sharing blocks between sequences needs one"),
 ])
 def test_bad_arguments_name_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
@@ -186,7 +203,7 @@ def test_adopted_blocks_are_shared_and_outlive_their_first_holder():
     table, _ = bt.allocate(bt.create(S, NB, MB, BS), [0], [12])  # blocks 1, 2, 3 (full)
     table = bt.retain(table, [1, 2])  # e.g. a cache keeps the first two
     table = bt.free(table, [0])
-    assert np.asarray(table.ref_counts[0, 1:4]).tolist() == [1, 1, 0]
+    assert np.asarray(table.ref_counts[1:4]).tolist() == [1, 1, 0]
     table, ok = bt.adopt(table, [2], [[1, 2, 0, 0]], [2])
     assert np.asarray(ok).tolist() == [[True]] and rows(table)[2] == [1, 2, 0, 0]
     assert int(table.num_tokens[0, 2]) == 2 * BS
@@ -202,6 +219,6 @@ def test_free_where_frees_exactly_the_masked_slots():
     got = jax.jit(lambda t, m: bt.free_where(t, m, chunk=2))(table2, jnp.asarray(mask))
     for name in ("block_ids", "num_tokens", "ref_counts", "free_top"):
         np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), name)
-    top = int(got.free_top[0])
-    assert sorted(np.asarray(got.free_stack[0, :top]).tolist()) == sorted(
-        np.asarray(expected.free_stack[0, :top]).tolist())
+    top = int(got.free_top)
+    assert sorted(np.asarray(got.free_stack[:top]).tolist()) == sorted(
+        np.asarray(expected.free_stack[:top]).tolist())

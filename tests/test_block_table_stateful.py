@@ -1,6 +1,6 @@
 """The block table driven by random operations, against the plain-Python allocator.
 
-After every step: the structural invariants of the block table hold in every group, and the
+After every step: the structural invariants of the block table hold, and the
 table agrees with the model (ok flags, token counts, free counts, and block ids up to a
 renaming: the same entries share a block in both).
 """
@@ -28,18 +28,13 @@ class BlockTableMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.table = bt.create(S, NB, MB, BS, num_groups=self.num_groups)
-        self.models = [PyBlockAllocator(S, NB, MB, BS) for _ in range(self.num_groups)]
-        self.held = [[] for _ in range(self.num_groups)]  # model blocks held outside slots
-        self.renaming: dict[tuple[int, int], int] = {}  # (group, model block) -> table block
+        self.model = PyBlockAllocator(S, NB, MB, BS, num_groups=self.num_groups)
+        self.held: list[int] = []  # model blocks held outside slots
+        self.renaming: dict[int, int] = {}  # model block -> table block
 
-    def one_group(self, data) -> tuple[int, np.ndarray | None]:
-        """A group to act on alone (its block ids are its own)."""
-        g = data.draw(st.integers(0, self.num_groups - 1))
-        return g, None if self.num_groups == 1 else np.arange(self.num_groups) == g
-
-    def table_ids(self, g: int, model_blocks) -> list[int]:
+    def table_ids(self, model_blocks) -> list[int]:
         renaming = self.block_renaming()
-        return [renaming[(g, b)] for b in model_blocks]
+        return [renaming[b] for b in model_blocks]
 
     def draw_groups(self, data):
         if self.num_groups == 1:
@@ -48,39 +43,42 @@ class BlockTableMachine(RuleBasedStateMachine):
                                   max_size=self.num_groups))
         return np.array(mask), mask
 
-    def expect(self, active, call):
-        return [call(model) if on else [False] * B for model, on in zip(self.models, active)]
+    def per_group(self, active, flags) -> list[list[bool]]:
+        """A request's flag in each group it asked for."""
+        return [[f and on for f in flags] for on in active]
 
-    def check_failures_change_nothing(self, before, after, ok, slots):
-        for g in range(self.num_groups):
-            granted = {s for s, granted in zip(slots, ok[g]) if granted}
-            failed = sorted({s for s in slots if 0 <= s < S} - granted)
-            if not granted:
-                for name in before:
-                    np.testing.assert_array_equal(before[name][g], after[name][g], name)
-            np.testing.assert_array_equal(before["block_ids"][g, failed],
-                                          after["block_ids"][g, failed])
-            np.testing.assert_array_equal(before["num_tokens"][g, failed],
-                                          after["num_tokens"][g, failed])
+    def check_failures_change_nothing(self, before, after, granted, slots):
+        if not any(granted):
+            for name in before:
+                np.testing.assert_array_equal(before[name], after[name], name)
+        failed = sorted({s for s in slots if 0 <= s < S}
+                        - {s for s, ok in zip(slots, granted) if ok})
+        np.testing.assert_array_equal(before["block_ids"][:, failed],
+                                      after["block_ids"][:, failed])
+        np.testing.assert_array_equal(before["num_tokens"][:, failed],
+                                      after["num_tokens"][:, failed])
 
     @rule(data=st.data(), slots=slot_lists, num_tokens=token_lists)
     def allocate(self, data, slots, num_tokens):
         groups, active = self.draw_groups(data)
         before = snapshot(self.table)
         self.table, ok = bt.allocate(self.table, slots, num_tokens, groups)
-        expected = self.expect(active, lambda m: m.allocate(slots, num_tokens))
-        assert np.asarray(ok).tolist() == expected
+        expected = self.model.allocate(slots, num_tokens, groups=active)
+        assert np.asarray(ok).tolist() == self.per_group(active, expected)
         self.check_failures_change_nothing(before, snapshot(self.table), expected, slots)
 
     @rule(data=st.data(), slots=slot_lists, num_new=small_token_lists,
           max_new_blocks=st.sampled_from([None, 1]))
     def reserve(self, data, slots, num_new, max_new_blocks):
+        """Tokens the same in every group, or (sometimes) drawn per group."""
         groups, active = self.draw_groups(data)
+        if self.num_groups > 1 and data.draw(st.booleans()):
+            num_new = [num_new] + [data.draw(small_token_lists) for _ in range(1, self.num_groups)]
         before = snapshot(self.table)
         self.table, ok = bt.reserve(self.table, slots, num_new, groups,
                                     max_new_blocks=max_new_blocks)
-        expected = self.expect(active, lambda m: m.reserve(slots, num_new, max_new_blocks))
-        assert np.asarray(ok).tolist() == expected
+        expected = self.model.reserve(slots, num_new, max_new_blocks, groups=active)
+        assert np.asarray(ok).tolist() == self.per_group(active, expected)
         self.check_failures_change_nothing(before, snapshot(self.table), expected, slots)
 
     def draw_slots(self, data, preferred: list[int]) -> list[int]:
@@ -91,20 +89,20 @@ class BlockTableMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def fork(self, data):
-        occupied = [s for s in range(S) if any(m.tokens[s] for m in self.models)]
+        occupied = [s for s in range(S) if any(t[s] for t in self.model.tokens)]
         src = self.draw_slots(data, occupied)
         dst = self.draw_slots(data, self.empty_slots())
         groups, active = self.draw_groups(data)
         self.table, ok, copies = bt.fork(self.table, src, dst, groups)
-        for g, (model, on) in enumerate(zip(self.models, active)):
-            expected_ok, expected_copies = model.fork(src, dst) if on else ([False] * B, [])
-            assert np.asarray(ok[g]).tolist() == expected_ok
+        expected_ok, expected_copies = self.model.fork(src, dst, groups=active)
+        assert np.asarray(ok).tolist() == self.per_group(active, expected_ok)
+        table = snapshot(self.table)
+        for g in range(self.num_groups):
             copy_src, copy_dst = np.asarray(copies.src[g]), np.asarray(copies.dst[g])
             copied = copy_dst != NB
-            assert copied.sum() == len(expected_copies)
+            assert copied.sum() == sum(c[0] == g for c in expected_copies)
             assert (copy_src[~copied] == 0).all()
             # Each copy reads the source's last block and writes the child's last block.
-            table = snapshot(self.table)
             for b in np.flatnonzero(copied):
                 last = table["num_tokens"][g, dst[b]] // BS
                 assert copy_dst[b] == table["block_ids"][g, dst[b], last]
@@ -114,19 +112,16 @@ class BlockTableMachine(RuleBasedStateMachine):
     def free(self, data, slots):
         groups, active = self.draw_groups(data)
         self.table = bt.free(self.table, slots, groups)
-        for model, on in zip(self.models, active):
-            if on:
-                model.free(slots)
+        self.model.free(slots, groups=active)
 
     def empty_slots(self) -> list[int]:
-        return [s for s in range(S) if all(m.tokens[s] == 0 for m in self.models)]
+        return [s for s in range(S) if all(t[s] == 0 for t in self.model.tokens)]
 
-    @precondition(lambda self: max(m.num_free_blocks for m in self.models) < MB
-                  and self.empty_slots())
+    @precondition(lambda self: self.model.num_free_blocks < MB and self.empty_slots())
     @rule(data=st.data())
     def allocate_beyond_free_blocks_changes_nothing(self, data):
         slot = data.draw(st.sampled_from(self.empty_slots()))
-        too_many = (max(m.num_free_blocks for m in self.models) + 1) * BS
+        too_many = (self.model.num_free_blocks // self.num_groups + 1) * BS
         before = snapshot(self.table)
         self.table, ok = bt.allocate(self.table, [slot], [too_many])
         assert not np.asarray(ok).any()
@@ -139,103 +134,94 @@ class BlockTableMachine(RuleBasedStateMachine):
     def slot_mapping_matches_model(self, slots, positions):
         mapping = np.asarray(bt.slot_mapping(self.table, slots, positions))
         renaming = self.block_renaming()
-        for g, model in enumerate(self.models):
-            expected = [m if m == NB * BS else renaming[g, m // BS] * BS + m % BS
-                        for m in model.slot_mapping(slots, positions)]
-            assert mapping[g].tolist() == expected
+        for g, expected in enumerate(self.model.slot_mapping(slots, positions)):
+            assert mapping[g].tolist() == [
+                m if m == NB * BS else renaming[m // BS] * BS + m % BS for m in expected]
 
-    def block_renaming(self) -> dict[tuple[int, int], int]:
-        """(group, model block) -> table block, for every referenced block; asserts it is
-        one-to-one. Blocks held only outside slots keep the name they had in a row."""
+    def block_renaming(self) -> dict[int, int]:
+        """Model block -> table block, for every referenced block; asserts it is one-to-one.
+        Blocks held only outside slots keep the name they had in a row."""
         table = snapshot(self.table)
-        forward = {key: block for key, block in self.renaming.items()
-                   if self.models[key[0]].ref_counts[key[1]] > 0}
-        for g, model in enumerate(self.models):
-            for slot, row in enumerate(model.blocks):
+        forward = {mb: block for mb, block in self.renaming.items()
+                   if self.model.ref_counts[mb] > 0}
+        for g, rows in enumerate(self.model.blocks):
+            for slot, row in enumerate(rows):
                 for col, model_block in enumerate(row):
                     block = int(table["block_ids"][g, slot, col])
-                    assert forward.setdefault((g, model_block), block) == block
-        backward = {(g, block): mb for (g, mb), block in forward.items()}
-        assert len(backward) == len(forward), "two model blocks share a table block"
+                    assert forward.setdefault(model_block, block) == block
+        assert len(set(forward.values())) == len(forward), "two model blocks share a table block"
         self.renaming = forward
         return forward
 
     @rule(data=st.data())
     def retain_live_blocks(self, data):
-        g, groups = self.one_group(data)
-        live = sorted({b for row in self.models[g].blocks for b in row})
+        live = sorted({b for rows in self.model.blocks for row in rows for b in row})
         if not live:
             return
         picks = data.draw(st.lists(st.sampled_from(live), min_size=1, max_size=B, unique=True))
-        ids = self.table_ids(g, picks)
-        self.table = bt.retain(self.table, ids + [0] * (B - len(ids)), groups)
-        self.models[g].retain(picks)
-        self.held[g] += picks
+        ids = self.table_ids(picks)
+        self.table = bt.retain(self.table, ids + [0] * (B - len(ids)))
+        self.model.retain(picks)
+        self.held += picks
 
     @rule(data=st.data())
     def release_held_blocks(self, data):
-        g, groups = self.one_group(data)
-        if not self.held[g]:
+        if not self.held:
             return
-        picks = data.draw(st.lists(st.integers(0, len(self.held[g]) - 1), min_size=1,
-                                   max_size=min(B, len(self.held[g])), unique=True))
-        blocks = [self.held[g][i] for i in picks]
-        ids = self.table_ids(g, blocks)
-        self.table = bt.release(self.table, ids + [-1] * (B - len(ids)), groups)
-        self.models[g].release(blocks)
+        picks = data.draw(st.lists(st.integers(0, len(self.held) - 1), min_size=1,
+                                   max_size=min(B, len(self.held)), unique=True))
+        blocks = [self.held[i] for i in picks]
+        ids = self.table_ids(blocks)
+        self.table = bt.release(self.table, ids + [-1] * (B - len(ids)))
+        self.model.release(blocks)
         for i in sorted(picks, reverse=True):
-            del self.held[g][i]
+            del self.held[i]
 
+    @precondition(lambda self: self.num_groups == 1)
     @rule(data=st.data())
     def adopt_held_or_live_blocks(self, data):
-        g, groups = self.one_group(data)
-        model = self.models[g]
-        referenced = sorted({b for row in model.blocks for b in row} | set(self.held[g]))
-        empty = [s for s in range(S) if model.tokens[s] == 0]
+        model = self.model
+        referenced = sorted({b for row in model.blocks[0] for b in row} | set(self.held))
+        empty = [s for s in range(S) if model.tokens[0][s] == 0]
         if not referenced or not empty:
             return
         slot = data.draw(st.sampled_from(empty))
         row = data.draw(st.lists(st.sampled_from(referenced), max_size=MB, unique=True))
-        ids = self.table_ids(g, row) + [0] * (MB - len(row))
-        self.table, ok = bt.adopt(self.table, [slot], [ids], [len(row)], groups)
+        ids = self.table_ids(row) + [0] * (MB - len(row))
+        self.table, ok = bt.adopt(self.table, [slot], [ids], [len(row)])
         expected = model.adopt([slot], [row + [0] * (MB - len(row))], [len(row)])
-        assert bool(np.asarray(ok)[g, 0]) == expected[0]
+        assert bool(np.asarray(ok)[0, 0]) == expected[0]
 
     @invariant()
     def structure_holds(self):
         renaming = self.block_renaming()
-        held = np.zeros((self.num_groups, NB), np.int64)
-        for g, blocks in enumerate(self.held):
-            for b in blocks:
-                held[g, renaming[(g, b)]] += 1
+        held = np.zeros(NB, np.int64)
+        for b in self.held:
+            held[renaming[b]] += 1
         check_structure(snapshot(self.table), BS, held)
 
     @invariant()
     def agrees_with_model(self):
         table = snapshot(self.table)
-        for g, model in enumerate(self.models):
-            assert int(table["free_top"][g]) == model.num_free_blocks
-            assert table["num_tokens"][g].tolist() == [model.tokens[s] for s in range(S)]
+        assert int(table["free_top"]) == self.model.num_free_blocks
+        assert table["num_tokens"].tolist() == self.model.tokens
         self.block_renaming()
 
     def teardown(self):
         """Releasing every held block and freeing every slot restores the initial state (up to
         the order of the free stack)."""
-        for g in range(self.num_groups):
-            groups = None if self.num_groups == 1 else np.arange(self.num_groups) == g
-            for block in self.table_ids(g, self.held[g]):
-                self.table = bt.release(self.table, [block], groups)
+        for block in self.table_ids(self.held):
+            self.table = bt.release(self.table, [block])
         self.table = bt.free(self.table, np.arange(S))
         table = snapshot(self.table)
-        assert (table["free_top"] == NB - 1).all()
-        for g in range(self.num_groups):
-            assert sorted(table["free_stack"][g, : NB - 1].tolist()) == list(range(1, NB))
+        assert int(table["free_top"]) == NB - 1
+        assert sorted(table["free_stack"][: NB - 1].tolist()) == list(range(1, NB))
         assert not table["block_ids"].any() and not table["num_tokens"].any()
         assert not table["ref_counts"].any()
 
 
 class MultiGroupBlockTableMachine(BlockTableMachine):
-    """Three layer groups; every operation touches a random subset of them."""
+    """Three layer groups sharing the pool; every operation asks for a random subset of them."""
 
     num_groups = 3
 

@@ -15,7 +15,7 @@ from symphony_jax.cluster import placement
 from symphony_jax.cluster.global_scheduler import ADVISED_FOR_S, GlobalScheduler
 from symphony_jax.cluster.replay import turn_tokens
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
-from symphony_jax.engine.engine import Engine
+from symphony_jax.engine.engine import Engine, Residency
 from symphony_jax.engine.sampling import SamplingParams
 from symphony_jax.model.params import init_params
 from symphony_jax.scheduler import state as S
@@ -114,6 +114,8 @@ def test_symphony_advisory_moves_kv_to_the_chosen_node_before_the_request(params
     target = 1 - first.node
     assert (moved.src, moved.dst) == (first.node, target)
     assert resident(cluster, target, 0) == (S.FINISHED, history)  # on the GPU already
+    groups = cluster.nodes[target].engine.config.cache.num_layer_groups
+    assert cluster.where(0) == (target, Residency((history,) * groups, history))
     assert cluster.nodes[first.node].engine._idle_slot(0) == (None, True)  # source let it go
     second = cluster.requests[serve(cluster, 0, 1, 7, 5)]
     assert second.node == target

@@ -148,7 +148,7 @@ def test_abort_frees_the_request_and_its_blocks():
     assert engine.result(long).finish_reason == "abort"
     assert engine.result(short).finish_reason == "length"
     blocks = engine.device.scheduler.blocks
-    assert int(blocks.free_top[0]) == blocks.num_blocks - 1
+    assert int(blocks.free_top) == blocks.num_blocks - 1
 
 
 def test_streaming_outputs_and_timestamps():

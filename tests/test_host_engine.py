@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from block_table_checks import check_structure, snapshot
-from symphony_jax.engine.engine import Engine
+from symphony_jax.engine.engine import Engine, Residency
 from symphony_jax.engine.sampling import SamplingParams
 from symphony_jax.memory import transfer
 from symphony_jax.scheduler import state as S
@@ -21,8 +21,12 @@ POLICY = Policy(preemption="swap", retention="host")
 
 
 def with_host(config, host_blocks: int, groups: int = 1):
+    """``config`` with a host tier, its layers in ``groups`` groups: a block then holds one
+    group's layers, so the pool has ``groups`` times as many (the same memory)."""
+    cache = config.cache
     return dataclasses.replace(config, cache=dataclasses.replace(
-        config.cache, num_host_blocks=host_blocks, num_layer_groups=groups))
+        cache, num_host_blocks=host_blocks, num_layer_groups=groups,
+        num_device_blocks=(cache.num_device_blocks - 1) * groups + 1))
 
 
 def run(engine: Engine, limit: int = 400) -> int:
@@ -147,6 +151,52 @@ def test_layerwise_loading_with_layer_groups():
     turn2, expected, _, new = two_turns(engine)
     assert engine.result(turn2).token_ids == expected
     assert counts_of(engine, turn2) == (1 + new, 0)
+    check_blocks(engine)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_a_purge_takes_the_upper_layer_group_and_the_next_turn_loads_it_back(layerwise):
+    """Two layer groups (one layer each): another session needing room takes only the upper
+    group of session 7, whose host copy is current; session 7 keeps its lower layer on the
+    device, and its next turn restores the upper one and computes no history."""
+    engine = Engine(with_host(TIGHT, 64, groups=2), PARAMS,
+                    policy=dataclasses.replace(POLICY, layerwise_loading=layerwise))
+    seen = {}
+
+    def partly_resident():
+        seen["where"] = engine.residency(7)
+        slot, idle = engine._idle_slot(7)
+        seen["idle"] = idle and int(engine.device.scheduler.requests.status[slot]) == S.FINISHED
+
+    turn2, expected, history, new = two_turns(engine, others=(60,), meanwhile=partly_resident)
+    assert seen == {"where": Residency((history - 1, 0), history - 1), "idle": True}
+    assert engine.result(turn2).token_ids == expected
+    assert counts_of(engine, turn2) == (1 + new, 0)
+    assert engine.host.stats.restored == 1
+    check_blocks(engine)
+
+
+def test_a_fill_brings_the_purged_group_back_before_the_next_turn():
+    """After a purge left session 7 its lower group, ``prefetch_session`` (what an advisory
+    does for a session placed where its K,V already is) copies the upper group back into free
+    blocks; session 7's next turn then restores nothing and computes no history."""
+    engine = Engine(with_host(TIGHT, 64, groups=2), PARAMS,
+                    policy=dataclasses.replace(POLICY, layerwise_loading=True))
+    seen = {}
+
+    def refill():
+        seen["purged"] = engine.residency(7).device_tokens
+        assert engine.drop_session(100)
+        engine.prefetch_session(7)
+        engine.step()  # nothing to run: it reads the free blocks
+        engine.settle_imports()
+        seen["filled"] = engine.residency(7).device_tokens
+
+    turn2, expected, history, new = two_turns(engine, others=(60,), meanwhile=refill)
+    assert seen == {"purged": (history - 1, 0), "filled": (history - 1, history - 1)}
+    assert engine.result(turn2).token_ids == expected
+    assert counts_of(engine, turn2) == (1 + new, 0)
+    assert engine.host.stats.prefetched == 1 and engine.host.stats.restored == 0
     check_blocks(engine)
 
 

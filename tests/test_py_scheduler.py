@@ -106,12 +106,10 @@ class EquivalenceMachine(RuleBasedStateMachine):
             bs = self.config.cache.block_size
             mapping, their_mapping = np.asarray(ours.slot_mapping), np.asarray(theirs.slot_mapping)
             np.testing.assert_array_equal(mapping % bs, their_mapping % bs, "slot offsets")
-            for g, renamed in enumerate(self.block_renamings()):
-                renaming(np.asarray(ours.block_tables[g]), np.asarray(theirs.block_tables[g]),
-                         renamed)
-                out_of_range = self.config.cache.num_device_blocks
-                renaming(mapping[g] // bs, their_mapping[g] // bs,
-                         renamed | {out_of_range: out_of_range})
+            renamed = self.block_renamings()
+            renaming(np.asarray(ours.block_tables), np.asarray(theirs.block_tables), renamed)
+            out_of_range = self.config.cache.num_device_blocks
+            renaming(mapping // bs, their_mapping // bs, renamed | {out_of_range: out_of_range})
 
     @rule(slots=st.lists(st.integers(-1, R), max_size=ABORTS))
     def abort(self, slots):
@@ -120,16 +118,14 @@ class EquivalenceMachine(RuleBasedStateMachine):
         self.state = admission.abort(self.state, jnp.asarray(padded))
         self.py.abort(slots)
 
-    def block_renamings(self) -> list[dict[int, int]]:
-        """Per group, the renaming of block ids between the two tables (checked)."""
-        renamings = []
-        ids = np.asarray(self.state.blocks.block_ids)
-        for g, allocator in enumerate(self.py.allocators):
-            renamings.append({})
-            renaming(ids[g], self.py.rows[g, :R], renamings[-1])
-            assert [len(b) for b in allocator.blocks] == [
+    def block_renamings(self) -> dict[int, int]:
+        """The renaming of block ids between the two tables, over every group (checked)."""
+        ids, names = np.asarray(self.state.blocks.block_ids), {}
+        for g, rows in enumerate(self.py.allocator.blocks):
+            renaming(ids[g], self.py.rows[g, :R], names)
+            assert [len(b) for b in rows] == [
                 np.count_nonzero(row) for row in self.py.rows[g, :R]]
-        return renamings
+        return names
 
     @invariant()
     def same_requests_and_blocks(self):
@@ -139,9 +135,8 @@ class EquivalenceMachine(RuleBasedStateMachine):
             theirs = np.array([getattr(slot, field.name) for slot in self.py.slots], column.dtype)
             np.testing.assert_array_equal(column, theirs, field.name)
         blocks = self.state.blocks
-        for g, allocator in enumerate(self.py.allocators):
-            assert np.asarray(blocks.num_tokens[g]).tolist() == allocator.tokens
-            assert int(blocks.free_top[g]) == allocator.num_free_blocks
+        assert np.asarray(blocks.num_tokens).tolist() == self.py.allocator.tokens
+        assert int(blocks.free_top) == self.py.allocator.num_free_blocks
         self.block_renamings()
 
 
@@ -244,7 +239,7 @@ def test_waiting_sessions_can_hold_the_whole_pool():
     machine = stalled_machine()
     assert machine.admitted == ([0, 1, 2], [S.ADMITTED] * 3)
     assert machine.py.cached_tokens[:3] == [36, 36, 17]
-    assert machine.py.allocators[0].num_free_blocks == 0 and not machine.py.running
+    assert machine.py.allocator.num_free_blocks == 0 and not machine.py.running
 
 
 def test_waiting_sessions_holding_the_pool_make_progress():

@@ -207,10 +207,10 @@ def test_abort_frees_the_slot_and_its_blocks():
     new = S.new_requests([0, 1], [10, 6], [4, 4], session_id=[5, S.NO_SESSION])
     state, slots, _ = admission.admit(state, new, limits=LIMITS)
     state, _ = step.schedule(state, 0.0, limits=LIMITS, policy=Policy())
-    assert int(state.blocks.free_top[0]) < BLOCKS - 1
+    assert int(state.blocks.free_top) < BLOCKS - 1
     state = admission.abort(state, jnp.asarray([slots[0], slots[1], -1]))
     assert (np.asarray(state.requests.status) == S.EMPTY).all()
-    assert int(state.blocks.free_top[0]) == BLOCKS - 1
+    assert int(state.blocks.free_top) == BLOCKS - 1
     check_structure(snapshot(state.blocks), BS)
 
 
@@ -249,7 +249,7 @@ class PrefixCachingMachine(SchedulerMachine):
     def cache_references(self):
         cache = self.state.cache
         cached = (np.asarray(cache.block_keys) != 0).any(-1)
-        return cached[None].astype(np.int64)
+        return cached.astype(np.int64)
 
     @invariant()
     def cache_is_consistent(self):
@@ -257,7 +257,7 @@ class PrefixCachingMachine(SchedulerMachine):
         cache, NB = self.state.cache, BLOCKS
         keys, blocks = np.asarray(cache.keys), np.asarray(cache.blocks)
         block_keys = np.asarray(cache.block_keys)
-        ref_counts = np.asarray(self.state.blocks.ref_counts[0])
+        ref_counts = np.asarray(self.state.blocks.ref_counts)
         for bucket in np.flatnonzero(blocks < NB):
             block = blocks[bucket]
             assert (block_keys[block] == keys[bucket]).all() and ref_counts[block] >= 1
@@ -299,7 +299,7 @@ def test_a_prompt_starts_from_its_cached_prefix():
     assert np.asarray(state.blocks.block_ids[0, slot, :2]).tolist() == np.asarray(
         cached_blocks).tolist()
     check_structure(snapshot(state.blocks), BS,
-                    (np.asarray(state.cache.block_keys) != 0).any(-1)[None].astype(np.int64))
+                    (np.asarray(state.cache.block_keys) != 0).any(-1).astype(np.int64))
 
 
 @given(num_seqs=st.integers(1, 64), extra=st.integers(0, 600), decode=st.booleans(),

@@ -233,3 +233,43 @@ def test_same_batching_decisions_as_the_real_engine():
                                       err_msg=f"step {step}")
     assert int(jax.device_get(node.state.requests.preemptions).sum()) > 0
     assert (np.asarray(jax.device_get(node.state.requests.status)) != S.RUNNING).all()
+
+
+def test_a_purged_upper_layer_group_is_all_a_simulated_restore_moves():
+    """As in the engine (``test_host_engine``): with two layer groups, another session needing
+    room takes only the upper group of session 7, whose host copy is current, and session 7's
+    next turn copies back only that group's layers: half of its blocks' bytes."""
+    from symphony_jax.scheduler.policy import Policy
+    from symphony_jax.sim.node import SimNode, SimRequest
+
+    config = dataclasses.replace(CONFIG, cache=dataclasses.replace(
+        CONFIG.cache, block_size=8, num_device_blocks=25, num_host_blocks=64,
+        num_layer_groups=2))
+    flows = []
+    node = SimNode(0, config, Policy(retention="host", layerwise_loading=True), Linear(),
+                   lambda t, path, nbytes, done: flows.append((nbytes, done)))
+
+    def serve(request: SimRequest) -> None:
+        node.submit(request)
+        assert node.admit() == []
+        while node.requests:
+            node.finished(node.run(math.inf, max_steps=1))
+            while flows:  # copies complete at once
+                flows.pop(0)[1](node.clock)
+
+    def tokens_of(session: int) -> list[int]:
+        (slot,) = np.flatnonzero(node.slot_session == session)
+        return np.asarray(jax.device_get(node.state.blocks.num_tokens[:, slot])).tolist()
+
+    serve(SimRequest(0, 7, 0, 20, 0, 8, 0.0))
+    history = 20 + 8 - 1  # the last sampled token's K,V is never computed
+    assert tokens_of(7) == [history, history] and history in node.stored.tolist()
+    serve(SimRequest(1, 100, 0, 60, 0, 8, node.clock))
+    assert tokens_of(7) == [history, 0]  # the upper group went; the lower one stayed
+    restores = []
+    node.launch = lambda t, path, nbytes, done: (restores.append(nbytes),
+                                                  flows.append((nbytes, done)))
+    serve(SimRequest(2, 7, 1, history + 1 + 6, history + 1, 8, node.clock))
+    half = node.block_bytes // 2
+    assert restores[0] == -(-history // 8) * half
+    assert node.requests == {} and tokens_of(7)[0] == tokens_of(7)[1] > history

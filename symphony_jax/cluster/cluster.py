@@ -35,7 +35,7 @@ from symphony_jax.cluster.global_scheduler import GlobalScheduler, KVLocation
 from symphony_jax.cluster.records import ClusterRecords, step_records, transfer_records
 from symphony_jax.cluster.systems import System, node_engine, system as get_system
 from symphony_jax.config import EngineConfig, _check_ints
-from symphony_jax.engine.engine import Engine
+from symphony_jax.engine.engine import Engine, Residency
 from symphony_jax.engine.sampling import SamplingParams
 from symphony_jax.memory import transfer
 from symphony_jax.model.params import LlamaParams
@@ -185,6 +185,13 @@ class Cluster:
             self._dispatch(request)
         return request.request_id
 
+    def where(self, session_id: int) -> tuple[int, Residency] | None:
+        """The node holding ``session_id``'s K,V (the global scheduler's table) and where it
+        is there: device tokens per layer group, host tokens. None if no live node holds it."""
+        node = self.scheduler.kv_node(_session(session_id, "where"), self.now())
+        residency = None if node < 0 else self.nodes[node].engine.residency(session_id)
+        return None if residency is None else (node, residency)
+
     def has_unfinished(self) -> bool:
         return bool(self.running) or any(n.engine.has_unfinished() for n in self.live_nodes)
 
@@ -324,9 +331,12 @@ class Cluster:
             self._migrate(session, self.scheduler.advise(session, self.now()))
 
     def _migrate(self, session: int, dst: int) -> None:
-        """Start moving ``session``'s K,V to node ``dst`` if another live node holds it."""
+        """Start moving ``session``'s K,V to node ``dst`` if another live node holds it; if
+        ``dst`` does, bring what its host tier alone holds into free blocks there."""
         now = self.now()
         src = self.scheduler.kv_node(session, now)
+        if src == dst:
+            self.nodes[dst].engine.prefetch_session(session)
         if src < 0 or src == dst or any(m.session_id == session for m in self.migrations):
             return
         exported = self.nodes[src].engine.export_session(session, self.nodes[dst].device)

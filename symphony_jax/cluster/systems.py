@@ -15,8 +15,10 @@ comparison (``SYSTEMS``):
   the next turn sticks to that node while it is.
 - ``symphony``: host retention with write-back, every request placed on the least loaded node;
   an advisory picks that node ahead of the request and migrates the session's K,V there (host
-  tier, then free device blocks); a request without one fetches what is elsewhere and loads it
-  layer by layer.
+  tier, then free device blocks, lower layers first); a request without one fetches what is
+  elsewhere and loads it layer by layer. Its K,V is managed in ``SYMPHONY_LAYER_GROUPS`` layer
+  groups: room is made by taking the upper-most group of the least recently used idle session
+  first, so sessions stay resident by a prefix of their layers.
 - ``oracle``: ``symphony`` with pools ``memory_scale`` times larger and migrations that take no
   time (the cluster's clock stops while one runs): an upper bound.
 """
@@ -31,6 +33,7 @@ from symphony_jax.scheduler.policy import Policy
 
 HINTS = ("ignore", "migrate")
 TTL_S = 10.0  # Continuum-style pinning time of ``ttl``
+SYMPHONY_LAYER_GROUPS = 4  # of ``symphony``: finer costs the scheduler more, coarser saves less
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,7 @@ class System:
     fetch_on_request: bool = False  # a request fetches its session's K,V from another node
     free_migration: bool = False  # migrations take no time (the clock stops)
     memory_scale: int = 1  # device and host pools times this
+    layer_groups: int | None = None  # K,V managed in this many layer groups (None: the engine's)
 
     def __post_init__(self):
         if not isinstance(self.policy, Policy):
@@ -53,10 +57,13 @@ class System:
         if (self.hints == "migrate" or self.fetch_on_request) and not self.policy.uses_host:
             raise ValueError(f"System({self.name!r}): migrating K,V needs a policy with a host "
                              "tier (retention 'host' or preemption 'swap')")
-        if isinstance(self.memory_scale, bool) or not isinstance(self.memory_scale, int) or \
-                self.memory_scale < 1:
-            raise ValueError(f"System({self.name!r}).memory_scale={self.memory_scale!r}: "
-                             "expected an integer >= 1")
+        for field in ("memory_scale", "layer_groups"):
+            value = getattr(self, field)
+            if field == "layer_groups" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"System({self.name!r}).{field}={value!r}: expected an "
+                                 "integer >= 1")
 
     @property
     def migrates(self) -> bool:
@@ -69,7 +76,7 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
     System("sticky_offload", Policy(retention="host", preemption="swap"), "sticky"),
     System("ttl", Policy(retention="ttl", ttl_s=TTL_S), "sticky"),
     System("symphony", Policy(retention="host", layerwise_loading=True), "least_loaded",
-           hints="migrate", fetch_on_request=True),
+           hints="migrate", fetch_on_request=True, layer_groups=SYMPHONY_LAYER_GROUPS),
     System("oracle", Policy(retention="host"), "least_loaded", fetch_on_request=True,
            free_migration=True, memory_scale=16),
 )}
@@ -87,11 +94,15 @@ def system(name: str | System) -> System:
 
 
 def node_engine(engine: EngineConfig, system: System) -> EngineConfig:
-    """A node's engine config under ``system``: pools scaled by its ``memory_scale``, and a host
-    tier where it needs one (as large as the device pool, if ``engine`` has none)."""
+    """A node's engine config under ``system``: its layer groups (at most one per layer; the
+    device pool keeps its bytes, in blocks of one group's layers), pools scaled by its
+    ``memory_scale``, and a host tier where it needs one (as large as the device pool, if
+    ``engine`` has none)."""
     cache = engine.cache
-    host = cache.num_host_blocks or (cache.num_device_blocks if system.policy.uses_host else 0)
+    token_blocks = (cache.num_device_blocks - 1) // cache.num_layer_groups  # of every layer
+    host = cache.num_host_blocks or (token_blocks + 1 if system.policy.uses_host else 0)
+    groups = min(system.layer_groups or cache.num_layer_groups, engine.model.num_layers)
     scale = system.memory_scale
     return dataclasses.replace(engine, cache=dataclasses.replace(
-        cache, num_device_blocks=(cache.num_device_blocks - 1) * scale + 1,
-        num_host_blocks=host * scale))
+        cache, num_device_blocks=token_blocks * groups * scale + 1, num_host_blocks=host * scale,
+        num_layer_groups=groups))

@@ -106,7 +106,7 @@ def schedule(scheduler: S.SchedulerState, now, *, limits, policy: Policy, record
     tokens, block_ids = scheduler.cached_tokens, scheduler.blocks.block_ids
     scheduler, plan = scheduler_step.schedule(scheduler, now, limits=limits, policy=policy)
     counts = [jnp.stack([plan.num_seqs, plan.num_tokens, plan.decode_only.astype(i32),
-                         scheduler.blocks.free_top.min()])]
+                         scheduler.blocks.free_top])]
     if policy.uses_host:
         counts += [tokens, plan.offloads.astype(i32), plan.restores.astype(i32)]
     if record:  # the context a step's query attends to: its reservation covers the query

@@ -56,6 +56,14 @@ class Generation:
     finish_reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Residency:
+    """Where a session's K,V is on one node."""
+
+    device_tokens: tuple[int, ...]  # tokens on the device, per layer group (lowest first)
+    host_tokens: int  # tokens the host tier holds, every layer (copies complete)
+
+
 @dataclasses.dataclass
 class _Request:
     request_id: int
@@ -108,7 +116,6 @@ class Engine:
             tokens=jnp.zeros((slots, config.scheduler.max_model_len), jnp.int32),
             sampling=SamplingTable.create(slots, max_stop_ids)))
         self.start = clock() if start is None else start
-        self.block_bytes = config.model.kv_bytes_per_token() * config.cache.block_size
         self.free_blocks = config.cache.num_device_blocks - 1  # after the last step's schedule
         self.requests: dict[int, _Request] = {}
         self.sessions: dict[int, list[int]] = {}  # a session's tokens so far
@@ -245,7 +252,8 @@ class Engine:
     @property
     def device_kv_bytes(self) -> int:
         """Bytes of K,V blocks in use on the device (as of the last step's schedule)."""
-        return (self.config.cache.num_device_blocks - 1 - self.free_blocks) * self.block_bytes
+        return (self.config.cache.num_device_blocks - 1 - self.free_blocks) * (
+            self.config.block_bytes)
 
     @property
     def host_kv_bytes(self) -> int:
@@ -305,6 +313,26 @@ class Engine:
         self.host.forget(slot)
         self.slot_session[slot] = session_id
         return self.host.migrate_in(slot, chunks, tokens)
+
+    def residency(self, session_id: int) -> Residency | None:
+        """Where ``session_id``'s K,V is here (None: this engine holds no sequence of it)."""
+        slot, _ = self._idle_slot(session_id)
+        if slot is None:
+            return None
+        tokens = jax.device_get(self.device.scheduler.blocks.num_tokens[:, slot])
+        host = 0 if self.host is None else int(self.host.stored_tokens[slot])
+        return Residency(tuple(int(t) for t in tokens), host)
+
+    def prefetch_session(self, session_id: int) -> None:
+        """Before idle ``session_id``'s next request, copy into free blocks the layer groups of
+        its K,V that only the host tier holds, lower layers first (``tiers.prefetch``): the
+        node manager's fill for a session placed where its K,V already is."""
+        slot, idle = self._idle_slot(session_id)
+        if self.host is None or slot is None or not idle or slot in self.host.prefetching:
+            return
+        resident = jax.device_get(self.device.scheduler.blocks.num_tokens[:, slot]) > 0
+        if self.host.stored_tokens[slot] > 0 and not resident.all():
+            self.host.to_prefetch.add(slot)
 
     def drop_session(self, session_id: int) -> bool:
         """Free idle ``session_id``'s K,V here (device and host tier); False if the session has

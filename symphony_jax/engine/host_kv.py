@@ -228,14 +228,16 @@ class HostKV:
                         jnp.asarray([c.first_block for c in chunks], jnp.int32))
 
     def _prefetch(self, scheduler, free_blocks: int):
-        """Give free blocks to migrated sessions, in slot order while they fit, and start
-        copying their K,V in."""
-        need = lambda slot: -(-int(self.stored_tokens[slot]) // self.block_size)
-        slots = [s for s in sorted(self.to_prefetch) if need(s) <= free_blocks]
+        """Give free blocks to the sessions to prefetch (``tiers.prefetch``: lower layer groups
+        first, in slot order while they fit) and start copying their K,V in. (The whole copy is
+        scattered into the slot's blocks: groups given none write to the null block, and
+        resident ones get the bytes they hold.)"""
+        group_need = lambda slot: -(-int(self.stored_tokens[slot]) // self.block_size)
+        slots = [s for s in sorted(self.to_prefetch) if group_need(s) <= free_blocks]
         if not slots:
             return scheduler
-        scheduler, granted = tiers.prefetch(scheduler, self._padded(slots)[0])
-        for slot, ok in zip(slots, np.asarray(granted)):
+        scheduler, given = tiers.prefetch(scheduler, self._padded(slots)[0])
+        for slot, ok in zip(slots, np.asarray(given).any(axis=0)):
             if ok:
                 self.to_prefetch.discard(slot)
                 self.prefetching.add(slot)

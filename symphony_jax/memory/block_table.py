@@ -24,12 +24,14 @@ Contracts
 - Allocation pops blocks from the top of the free stack (O(blocks taken)); freeing pushes the
   blocks whose count drops to zero. No operation scans the whole pool.
 
-Layer groups: the table has a leading group axis ``G``. Each group is an independent table with
-the same capacities (group g serves the layers ``EngineConfig.layer_groups`` assigns it), so a
-sequence can be resident in some groups only, e.g. its lower layers on the GPU and its upper
-layers still on the host. Every operation is written for one group and ``vmap``ped over the
-axis; ``groups: bool[G]`` selects the groups it touches (default all), and ``ok`` flags come
-back per group (False in untouched groups). With ``G = 1`` this is the usual single table.
+Layer groups: the table has a leading group axis ``G`` on its rows. Group g holds the block
+ids of the layers ``EngineConfig.layer_groups`` assigns it, so a sequence can be resident in
+some groups only, e.g. its lower layers on the GPU and its upper layers still on the host. All
+groups draw from one pool: a block holds one group's layers (``CacheConfig.pool_layers``), and
+reference counts and the free stack are shared, so blocks a group gives back serve any other.
+A batched request names a slot and asks for it in every group ``groups: bool[G]`` selects
+(default all), and it is granted whole: in all of them or in none. ``ok`` flags come back per
+group (False in groups not asked for). With ``G = 1`` this is the usual single table.
 """
 
 from __future__ import annotations
@@ -49,18 +51,19 @@ i32 = jnp.int32
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockTable:
-    """Block tables of all layer groups (shapes: G groups, S slots, MB columns, NB blocks)."""
+    """Block tables of all layer groups over one pool (G groups, S slots, MB columns, NB
+    blocks). Inside this module the rows are also viewed flat, as one group of G * S slots."""
 
     block_ids: jax.Array  # i32[G, S, MB]  block of each slot's table column; 0 where unused
     num_tokens: jax.Array  # i32[G, S]     tokens stored by each slot (0: empty slot)
-    ref_counts: jax.Array  # i32[G, NB]    table entries referencing each block
-    free_stack: jax.Array  # i32[G, NB]    free block ids in free_stack[:free_top]
-    free_top: jax.Array  # i32[G]          number of free blocks
+    ref_counts: jax.Array  # i32[NB]       table entries (and outside holders) referencing each
+    free_stack: jax.Array  # i32[NB]       free block ids in free_stack[:free_top]
+    free_top: jax.Array  # i32[]           number of free blocks
     block_size: int = dataclasses.field(metadata=dict(static=True))
 
     @property
     def num_groups(self) -> int:
-        return self.free_top.shape[0]
+        return self.num_tokens.shape[0]
 
     @property
     def num_slots(self) -> int:
@@ -102,13 +105,12 @@ def create(num_slots: int, num_blocks: int, max_blocks_per_seq: int, block_size:
     # Stack bottom holds the highest id so that pops hand out low ids first.
     stack = np.zeros(num_blocks, np.int32)
     stack[: num_blocks - 1] = np.arange(num_blocks - 1, 0, -1)
-    per_group = lambda x: jnp.asarray(np.broadcast_to(x, (num_groups, *np.shape(x))))
     return BlockTable(
-        block_ids=per_group(np.zeros((num_slots, max_blocks_per_seq), np.int32)),
-        num_tokens=per_group(np.zeros(num_slots, np.int32)),
-        ref_counts=per_group(np.zeros(num_blocks, np.int32)),
-        free_stack=per_group(stack),
-        free_top=per_group(np.int32(num_blocks - 1)),
+        block_ids=jnp.zeros((num_groups, num_slots, max_blocks_per_seq), i32),
+        num_tokens=jnp.zeros((num_groups, num_slots), i32),
+        ref_counts=jnp.zeros(num_blocks, i32),
+        free_stack=jnp.asarray(stack),
+        free_top=jnp.asarray(num_blocks - 1, i32),
         block_size=int(block_size),
     )
 
@@ -123,7 +125,37 @@ def from_config(config: EngineConfig) -> BlockTable:
 
 
 # ----------------------------------------------------------------------------------------------
-# Single-group building blocks. In these, a BlockTable's arrays carry no group axis.
+# Building blocks on the flat view: the groups' rows as one table of G * S slots, slot s of
+# group g being flat slot g * S + s. A batch of B requests becomes B * G entries, request by
+# request (each request's G entries together), and a request is granted only whole.
+
+
+def _flat(t: BlockTable) -> BlockTable:
+    G, S = t.num_tokens.shape
+    return dataclasses.replace(t, block_ids=t.block_ids.reshape(G * S, -1),
+                               num_tokens=t.num_tokens.reshape(G * S))
+
+
+def _grouped(flat: BlockTable, num_groups: int) -> BlockTable:
+    return dataclasses.replace(flat, block_ids=flat.block_ids.reshape(num_groups, -1,
+                                                                       flat.max_blocks_per_seq),
+                               num_tokens=flat.num_tokens.reshape(num_groups, -1))
+
+
+def _entries(slots: jax.Array, groups: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array]:
+    """Flat slots ``i32[B * G]`` of ``slots`` (i32[B], out of range: ``num_slots``) in each
+    group, request by request, and which entries are asked for (bool[B * G], ``groups``'s);
+    entries not asked for, and padding slots, get the flat sentinel ``G * num_slots``."""
+    G = groups.shape[0]
+    flat = jnp.arange(G, dtype=i32)[None, :] * num_slots + slots[:, None]
+    asked = jnp.broadcast_to(groups[None, :], flat.shape)
+    flat = jnp.where(asked & (slots[:, None] < num_slots), flat, G * num_slots)
+    return flat.reshape(-1), asked.reshape(-1)
+
+
+def _per_group(flags: jax.Array, num_groups: int) -> jax.Array:
+    """Entry values ``[B * G]`` (request by request) as ``[G, B]``."""
+    return flags.reshape(-1, num_groups).T
 
 
 def _cdiv(a: jax.Array, b: int) -> jax.Array:
@@ -148,16 +180,23 @@ def _first_valid(slots: jax.Array, num_slots: int) -> jax.Array:
     return (slots < num_slots) & (first[slots] == order)
 
 
-def _grant(need: jax.Array, valid: jax.Array, available: jax.Array):
-    """Valid requests granted in batch order while their blocks fit (module doc).
+def _grant(need: jax.Array, valid: jax.Array, available: jax.Array, asked: jax.Array,
+           unit: int):
+    """Requests granted whole in batch order while their blocks fit (module doc). A request is
+    ``unit`` consecutive entries (its groups); it is valid if every entry it asks for is.
 
-    Returns ``ok: bool[B]`` and ``offset: i32[B]``, the blocks granted to earlier requests:
+    Returns ``ok: bool[E]`` and ``offset: i32[E]``, the blocks granted to earlier entries:
     requests that get blocks form a prefix of those needing any, so for each granted request
     the exclusive prefix sum of valid needs counts exactly the blocks popped before its own.
     """
-    need = jnp.where(valid, need, 0)
-    total = _cumsum(need)
-    return valid & ((total <= available) | (need == 0)), total - need
+    need = jnp.where(valid, need, 0).reshape(-1, unit)
+    asked = asked.reshape(-1, unit)
+    request_valid = jnp.all(valid.reshape(-1, unit) | ~asked, axis=1) & asked.any(axis=1)
+    request_need = jnp.where(request_valid, need.sum(axis=1), 0)
+    total = _cumsum(request_need)
+    ok = request_valid & ((total <= available) | (request_need == 0))
+    offset = (total - request_need)[:, None] + jnp.cumsum(need, axis=1) - need
+    return (ok[:, None] & asked).reshape(-1), offset.reshape(-1)
 
 
 def _pop(t: BlockTable, got: jax.Array, offset: jax.Array,
@@ -173,8 +212,9 @@ def _pop(t: BlockTable, got: jax.Array, offset: jax.Array,
 
 
 def _append(t: BlockTable, slots: jax.Array, num_new: jax.Array, valid: jax.Array,
-            width: int) -> tuple[BlockTable, jax.Array]:
-    """Grow each valid slot by ``num_new`` tokens, taking at most ``width`` new blocks each."""
+            asked: jax.Array, unit: int, width: int) -> tuple[BlockTable, jax.Array]:
+    """Grow each valid flat slot by ``num_new`` tokens, taking at most ``width`` new blocks
+    each (entries ``[E]``, ``unit`` per request)."""
     S, NB = t.num_slots, t.num_blocks
     old = t.num_tokens.at[slots].get(mode="fill", fill_value=0)
     new = old + num_new
@@ -183,7 +223,7 @@ def _append(t: BlockTable, slots: jax.Array, num_new: jax.Array, valid: jax.Arra
     # Compared as num_new <= room, not old + num_new <= limit, which could overflow int32.
     room = t.max_tokens_per_seq - old
     valid = valid & (num_new >= 0) & (num_new <= room) & (need <= width)
-    ok, offset = _grant(need, valid, t.free_top)
+    ok, offset = _grant(need, valid, t.free_top, asked, unit)
     got = jnp.where(ok, need, 0)
     blocks, taken = _pop(t, got, offset, width)
     rows = jnp.where(taken, slots[:, None], S)
@@ -195,16 +235,6 @@ def _append(t: BlockTable, slots: jax.Array, num_new: jax.Array, valid: jax.Arra
         ref_counts=t.ref_counts.at[_sentinel(blocks, NB, taken)].set(1, mode="drop"),
         free_top=t.free_top - got.sum(dtype=i32),
     ), ok
-
-
-def _allocate_one(t, slots, num_tokens, active, width):
-    valid = active & _first_valid(slots, t.num_slots)
-    empty = t.num_tokens.at[slots].get(mode="fill", fill_value=1) == 0
-    return _append(t, slots, num_tokens, valid & empty, width)
-
-
-def _reserve_one(t, slots, num_new_tokens, active, width):
-    return _append(t, slots, num_new_tokens, active & _first_valid(slots, t.num_slots), width)
 
 
 def _release(t: BlockTable, ids: jax.Array, mask: jax.Array) -> BlockTable:
@@ -230,104 +260,141 @@ def _release(t: BlockTable, ids: jax.Array, mask: jax.Array) -> BlockTable:
         free_top=t.free_top + push.sum(dtype=i32))
 
 
-def _free_one(t: BlockTable, slots: jax.Array, active: jax.Array) -> BlockTable:
-    S, MB = t.num_slots, t.max_blocks_per_seq
-    valid = active & _first_valid(slots, S)
-    rows = t.block_ids.at[slots].get(mode="fill", fill_value=0)  # [B, MB]
-    num_blocks = _cdiv(t.num_tokens.at[slots].get(mode="fill", fill_value=0), t.block_size)
-    owned = valid[:, None] & (jnp.arange(MB, dtype=i32)[None, :] < num_blocks[:, None])
-    t = _release(t, rows, owned)
-    cleared = _sentinel(slots, S, valid)
-    return dataclasses.replace(t, block_ids=t.block_ids.at[cleared].set(0, mode="drop"),
-                               num_tokens=t.num_tokens.at[cleared].set(0, mode="drop"))
+def _referenced(t: BlockTable, blocks: jax.Array) -> jax.Array:
+    """bool[K]: ``blocks`` that are real blocks (not null, in range) and referenced."""
+    held = _sentinel(blocks, t.num_blocks, blocks > 0)
+    return t.ref_counts.at[held].get(mode="fill", fill_value=0) > 0
 
 
-def _release_one(t: BlockTable, blocks: jax.Array, active: jax.Array) -> BlockTable:
-    held = _sentinel(blocks, t.num_blocks, active & (blocks > 0))
-    referenced = t.ref_counts.at[held].get(mode="fill", fill_value=0) > 0
-    return _release(t, blocks, referenced)
+# ----------------------------------------------------------------------------------------------
+# Jitted operations on the grouped table (the public API below checks their arguments).
 
 
-def _retain_one(t: BlockTable, blocks: jax.Array, active: jax.Array) -> BlockTable:
-    held = _sentinel(blocks, t.num_blocks, active & (blocks > 0))
-    referenced = t.ref_counts.at[held].get(mode="fill", fill_value=0) > 0
-    return dataclasses.replace(t, ref_counts=t.ref_counts.at[
-        _sentinel(held, t.num_blocks, referenced)].add(1, mode="drop"))
+@functools.partial(jax.jit, donate_argnames="table", static_argnames=("width", "empty_only"))
+def _append_grouped(table, slots, num_new_tokens, groups, width, empty_only):
+    G, S = table.num_groups, table.num_slots
+    entries, asked = _entries(_sentinel(slots, S), groups, S)
+    flat = _flat(table)
+    valid = _first_valid(entries, G * S)
+    if empty_only:
+        valid &= flat.num_tokens.at[entries].get(mode="fill", fill_value=1) == 0
+    counts = (num_new_tokens.T.reshape(-1) if num_new_tokens.ndim == 2  # request by request
+              else jnp.repeat(num_new_tokens, G))
+    flat, ok = _append(flat, entries, counts, valid, asked, G, width)
+    return _grouped(flat, G), _per_group(ok, G)
 
 
-def _adopt_one(t: BlockTable, slots: jax.Array, blocks: jax.Array, counts: jax.Array,
-               active: jax.Array):
-    """Empty slots take the referenced blocks ``blocks[b, :counts[b]]`` as their first blocks,
-    full: one more reference each."""
+@functools.partial(jax.jit, donate_argnames="table")
+def _free(table, slots, groups):
+    G, S = table.num_groups, table.num_slots
+    entries, _ = _entries(_sentinel(slots, S), groups, S)
+    flat = _flat(table)
+    valid = _first_valid(entries, G * S)
+    rows = flat.block_ids.at[entries].get(mode="fill", fill_value=0)  # [E, MB]
+    num_blocks = _cdiv(flat.num_tokens.at[entries].get(mode="fill", fill_value=0),
+                       flat.block_size)
+    owned = valid[:, None] & (jnp.arange(flat.max_blocks_per_seq, dtype=i32)[None, :]
+                              < num_blocks[:, None])
+    flat = _release(flat, rows, owned)
+    cleared = _sentinel(entries, G * S, valid)
+    return _grouped(dataclasses.replace(
+        flat, block_ids=flat.block_ids.at[cleared].set(0, mode="drop"),
+        num_tokens=flat.num_tokens.at[cleared].set(0, mode="drop")), G)
+
+
+@functools.partial(jax.jit, donate_argnames="table")
+def _release_blocks(table, blocks):
+    return _release(table, blocks, _referenced(table, blocks))
+
+
+@functools.partial(jax.jit, donate_argnames="table")
+def _retain_blocks(table, blocks):
+    held = _sentinel(blocks, table.num_blocks, _referenced(table, blocks))
+    return dataclasses.replace(table, ref_counts=table.ref_counts.at[held].add(1, mode="drop"))
+
+
+@functools.partial(jax.jit, donate_argnames="table")
+def _adopt(table, slots, blocks, counts):
+    """Group 0 of a one-group table: empty slots take the referenced ``blocks[b, :counts[b]]``
+    as their first, full, blocks (one more reference each)."""
+    t = dataclasses.replace(table, block_ids=table.block_ids[0], num_tokens=table.num_tokens[0])
     S, NB, MB = t.num_slots, t.num_blocks, t.max_blocks_per_seq
-    cols = jnp.arange(MB, dtype=i32)[None, :]
-    taken = cols < counts[:, None]
-    referenced = t.ref_counts.at[_sentinel(blocks, NB, blocks > 0)].get(mode="fill",
-                                                                       fill_value=0) > 0
+    slots = _sentinel(slots, S)
+    taken = jnp.arange(MB, dtype=i32)[None, :] < counts[:, None]
     empty = t.num_tokens.at[slots].get(mode="fill", fill_value=1) == 0
-    ok = (active & _first_valid(slots, S) & empty & (counts >= 0) & (counts <= MB)
-          & jnp.all(referenced | ~taken, axis=1))
+    ok = (_first_valid(slots, S) & empty & (counts >= 0) & (counts <= MB)
+          & jnp.all(_referenced(t, blocks) | ~taken, axis=1))
     rows = jnp.where(ok[:, None] & taken, blocks, 0)
     written = _sentinel(slots, S, ok)
     return dataclasses.replace(
-        t,
-        block_ids=t.block_ids.at[written].set(rows, mode="drop"),
-        num_tokens=t.num_tokens.at[written].set(counts * t.block_size, mode="drop"),
+        table,
+        block_ids=t.block_ids.at[written].set(rows, mode="drop")[None],
+        num_tokens=t.num_tokens.at[written].set(counts * t.block_size, mode="drop")[None],
         ref_counts=t.ref_counts.at[_sentinel(rows, NB, rows > 0)].add(1, mode="drop"),
-    ), ok
+    ), ok[None]
 
 
-def _fork_one(t: BlockTable, src: jax.Array, dst: jax.Array, active: jax.Array):
-    S, NB, MB, bs = t.num_slots, t.num_blocks, t.max_blocks_per_seq, t.block_size
+@functools.partial(jax.jit, donate_argnames="table")
+def _fork(table, src, dst, groups):
+    G, S = table.num_groups, table.num_slots
+    src, asked = _entries(_sentinel(src, S), groups, S)
+    dst, _ = _entries(_sentinel(dst, S), groups, S)
+    t = _flat(table)
+    NB, MB, bs = t.num_blocks, t.max_blocks_per_seq, t.block_size
     length = t.num_tokens.at[src].get(mode="fill", fill_value=0)
     dst_empty = t.num_tokens.at[dst].get(mode="fill", fill_value=1) == 0
-    valid = active & (src < S) & (length > 0) & _first_valid(dst, S) & dst_empty
+    valid = (src < G * S) & (length > 0) & _first_valid(dst, G * S) & dst_empty
     num_full, partial = length // bs, length % bs != 0
-    ok, offset = _grant(partial.astype(i32), valid, t.free_top)
+    ok, offset = _grant(partial.astype(i32), valid, t.free_top, asked, G)
     got = (ok & partial).astype(i32)
     new_block = _pop(t, got, offset, 1)[0][:, 0]
-    src_rows = t.block_ids.at[src].get(mode="fill", fill_value=0)  # [B, MB]
+    src_rows = t.block_ids.at[src].get(mode="fill", fill_value=0)  # [E, MB]
     cols = jnp.arange(MB, dtype=i32)[None, :]
     shared = ok[:, None] & (cols < num_full[:, None])
     copied = (got[:, None] == 1) & (cols == num_full[:, None])
     dst_rows = jnp.where(shared, src_rows, jnp.where(copied, new_block[:, None], 0))
     last = jnp.take_along_axis(src_rows, jnp.minimum(num_full, MB - 1)[:, None], axis=1)[:, 0]
-    copy_src = jnp.where(got == 1, last, 0)
-    copy_dst = jnp.where(got == 1, new_block, NB)
-    written = _sentinel(dst, S, ok)
-    return dataclasses.replace(
+    written = _sentinel(dst, G * S, ok)
+    t = dataclasses.replace(
         t,
         block_ids=t.block_ids.at[written].set(dst_rows, mode="drop"),
         num_tokens=t.num_tokens.at[written].set(length, mode="drop"),
         ref_counts=(t.ref_counts.at[_sentinel(src_rows, NB, shared)].add(1, mode="drop")
-                    .at[copy_dst].set(1, mode="drop")),
+                    .at[jnp.where(got == 1, new_block, NB)].set(1, mode="drop")),
         free_top=t.free_top - got.sum(dtype=i32),
-    ), ok, BlockCopies(copy_src, copy_dst)
+    )
+    copies = BlockCopies(_per_group(jnp.where(got == 1, last, 0), G),
+                         _per_group(jnp.where(got == 1, new_block, NB), G))
+    return _grouped(t, G), _per_group(ok, G), copies
 
 
-def _slot_mapping_one(t: BlockTable, slots: jax.Array, positions: jax.Array) -> jax.Array:
-    length = t.num_tokens.at[slots].get(mode="fill", fill_value=0)
+@jax.jit
+def _slot_mapping(table, slots, positions):
+    G, S = table.num_groups, table.num_slots
+    t = _flat(table)
+    slots = _sentinel(slots, S)
+    flat_slots = jnp.where(slots[None, :] < S,
+                           jnp.arange(G, dtype=i32)[:, None] * S + slots[None, :], G * S)
+    length = t.num_tokens.at[flat_slots].get(mode="fill", fill_value=0)  # [G, T]
     valid = (positions >= 0) & (positions < length)
     column = jnp.where(valid, positions // t.block_size, 0)
-    block = t.block_ids.at[slots, column].get(mode="fill", fill_value=0)
+    block = t.block_ids.at[flat_slots, column].get(mode="fill", fill_value=0)
     return jnp.where(valid, block * t.block_size + positions % t.block_size,
                      t.num_blocks * t.block_size)
 
 
-def _can_allocate_one(t: BlockTable, num_tokens: jax.Array, active: jax.Array) -> jax.Array:
-    valid = active & (num_tokens >= 0) & (num_tokens <= t.max_tokens_per_seq)
-    return _grant(_cdiv(num_tokens, t.block_size), valid, t.free_top)[0]
+@jax.jit
+def _can_allocate(table, num_tokens, groups):
+    G = table.num_groups
+    num_tokens = jnp.repeat(num_tokens, G)
+    asked = jnp.tile(groups, num_tokens.shape[0] // G)
+    valid = (num_tokens >= 0) & (num_tokens <= table.max_tokens_per_seq)
+    ok, _ = _grant(_cdiv(num_tokens, table.block_size), valid, table.free_top, asked, G)
+    return _per_group(ok, G)
 
 
 # ----------------------------------------------------------------------------------------------
 # The public, group-batched API.
-
-
-def _over_groups(fn, table: BlockTable, groups: jax.Array | None, *args, **static):
-    """Run the single-group ``fn(table, *args, active)`` on every group; ``args`` are shared."""
-    active = jnp.ones(table.num_groups, bool) if groups is None else groups
-    per_group = functools.partial(fn, **static)
-    return jax.vmap(per_group, in_axes=(0, *([None] * len(args)), 0))(table, *args, active)
 
 
 def _batch(op: str, **arrays) -> list[jax.Array]:
@@ -352,9 +419,9 @@ def _batch(op: str, **arrays) -> list[jax.Array]:
     return out
 
 
-def _check_groups(op: str, table: BlockTable, groups) -> jax.Array | None:
+def _check_groups(op: str, table: BlockTable, groups) -> jax.Array:
     if groups is None:
-        return None
+        return jnp.ones(table.num_groups, bool)
     if not isinstance(groups, (jax.Array, np.ndarray)):
         groups = np.asarray(groups)
     if groups.shape != (table.num_groups,) or groups.dtype != bool:
@@ -372,67 +439,18 @@ def _width(op: str, table: BlockTable, max_new_blocks: int | None) -> int:
     return max_new_blocks
 
 
-@functools.partial(jax.jit, donate_argnames="table", static_argnames="width")
-def _allocate(table, slots, num_tokens, groups, width):
-    slots = _sentinel(slots, table.num_slots)
-    return _over_groups(_allocate_one, table, groups, slots, num_tokens, width=width)
-
-
-@functools.partial(jax.jit, donate_argnames="table", static_argnames="width")
-def _reserve(table, slots, num_new_tokens, groups, width):
-    slots = _sentinel(slots, table.num_slots)
-    return _over_groups(_reserve_one, table, groups, slots, num_new_tokens, width=width)
-
-
-@functools.partial(jax.jit, donate_argnames="table")
-def _free(table, slots, groups):
-    return _over_groups(_free_one, table, groups, _sentinel(slots, table.num_slots))
-
-
-@functools.partial(jax.jit, donate_argnames="table")
-def _release_blocks(table, blocks, groups):
-    return _over_groups(_release_one, table, groups, blocks)
-
-
-@functools.partial(jax.jit, donate_argnames="table")
-def _retain_blocks(table, blocks, groups):
-    return _over_groups(_retain_one, table, groups, blocks)
-
-
-@functools.partial(jax.jit, donate_argnames="table")
-def _adopt(table, slots, blocks, counts, groups):
-    slots = _sentinel(slots, table.num_slots)
-    return _over_groups(_adopt_one, table, groups, slots, blocks, counts)
-
-
-@functools.partial(jax.jit, donate_argnames="table")
-def _fork(table, src, dst, groups):
-    src, dst = _sentinel(src, table.num_slots), _sentinel(dst, table.num_slots)
-    return _over_groups(_fork_one, table, groups, src, dst)
-
-
-@jax.jit
-def _slot_mapping(table, slots, positions):
-    slots = _sentinel(slots, table.num_slots)
-    return jax.vmap(_slot_mapping_one, in_axes=(0, None, None))(table, slots, positions)
-
-
-@jax.jit
-def _can_allocate(table, num_tokens, groups):
-    return _over_groups(_can_allocate_one, table, groups, num_tokens)
-
-
 def allocate(table: BlockTable, slots, num_tokens, groups=None, *,
              max_new_blocks: int | None = None) -> tuple[BlockTable, jax.Array]:
     """Give empty slots room for their first ``num_tokens`` tokens.
 
     Returns the table and ``ok: bool[G, B]``. A request fails (and changes nothing) if its slot
-    is not empty, its length exceeds the table width, it needs more than ``max_new_blocks``
-    blocks (static; default: the table width), or its blocks do not fit (module doc).
+    is not empty in a group asked for, its length exceeds the table width, it needs more than
+    ``max_new_blocks`` blocks in a group (static; default: the table width), or its blocks do
+    not fit (module doc).
     """
     slots, num_tokens = _batch("allocate", slots=slots, num_tokens=num_tokens)
-    return _allocate(table, slots, num_tokens, _check_groups("allocate", table, groups),
-                     width=_width("allocate", table, max_new_blocks))
+    return _append_grouped(table, slots, num_tokens, _check_groups("allocate", table, groups),
+                           width=_width("allocate", table, max_new_blocks), empty_only=True)
 
 
 def reserve(table: BlockTable, slots, num_new_tokens, groups=None, *,
@@ -441,11 +459,23 @@ def reserve(table: BlockTable, slots, num_new_tokens, groups=None, *,
 
     A decode step reserves 1 token per running sequence (``max_new_blocks=1`` then bounds the
     work by the batch size); a prefill chunk reserves its length. An empty slot is allocated.
-    Returns the table and ``ok: bool[G, B]``; failures are as for ``allocate``.
+    ``num_new_tokens`` is int[B], the same in every group, or int[G, B], per group (e.g. a
+    sequence's tokens in the groups that lost them, and none in the others). Returns the table
+    and ``ok: bool[G, B]``; failures are as for ``allocate`` (``max_new_blocks`` bounds each
+    group's new blocks).
     """
-    slots, num_new_tokens = _batch("reserve", slots=slots, num_new_tokens=num_new_tokens)
-    return _reserve(table, slots, num_new_tokens, _check_groups("reserve", table, groups),
-                    width=_width("reserve", table, max_new_blocks))
+    counts = num_new_tokens if isinstance(num_new_tokens, (jax.Array, np.ndarray)) else (
+        np.asarray(num_new_tokens))
+    if counts.ndim == 2:
+        if counts.shape[0] != table.num_groups:
+            raise ValueError(f"block_table.reserve: num_new_tokens must be int[B] or "
+                             f"int[{table.num_groups}, B], got {list(counts.shape)}")
+        rows = [_batch("reserve", slots=slots, num_new_tokens=row)[1] for row in counts]
+        (slots,), num_new_tokens = _batch("reserve", slots=slots), jnp.stack(rows)
+    else:
+        slots, num_new_tokens = _batch("reserve", slots=slots, num_new_tokens=counts)
+    return _append_grouped(table, slots, num_new_tokens, _check_groups("reserve", table, groups),
+                           width=_width("reserve", table, max_new_blocks), empty_only=False)
 
 
 def free(table: BlockTable, slots, groups=None) -> BlockTable:
@@ -454,34 +484,39 @@ def free(table: BlockTable, slots, groups=None) -> BlockTable:
     return _free(table, slots, _check_groups("free", table, groups))
 
 
-def release(table: BlockTable, blocks, groups=None) -> BlockTable:
+def release(table: BlockTable, blocks) -> BlockTable:
     """Drop one reference to each of ``blocks`` (int[K]; entries outside ``[1, num_blocks)`` and
     unreferenced blocks are ignored): blocks left unreferenced become free. For references held
     outside any slot, such as a prefix cache's; a caller releases only references it holds."""
     (blocks,) = _batch("release", blocks=blocks)
-    return _release_blocks(table, blocks, _check_groups("release", table, groups))
+    return _release_blocks(table, blocks)
 
 
-def retain(table: BlockTable, blocks, groups=None) -> BlockTable:
+def retain(table: BlockTable, blocks) -> BlockTable:
     """One more reference to each referenced block of ``blocks`` (int[K]; unreferenced blocks
     and entries outside ``[1, num_blocks)`` are ignored), held outside any slot."""
     (blocks,) = _batch("retain", blocks=blocks)
-    return _retain_blocks(table, blocks, _check_groups("retain", table, groups))
+    return _retain_blocks(table, blocks)
 
 
-def adopt(table: BlockTable, slots, blocks, counts, groups=None) -> tuple[BlockTable, jax.Array]:
+def adopt(table: BlockTable, slots, blocks, counts) -> tuple[BlockTable, jax.Array]:
     """Give each empty slot ``slots[b]`` the already referenced (e.g. cached) blocks
     ``blocks[b, :counts[b]]`` as its first, full, blocks: one more reference each.
 
     ``blocks: int[B, max_blocks_per_seq]``. Fails (changing nothing) for a slot that is not
-    empty or repeated, or a block that is not referenced. Returns the table and ``ok[G, B]``.
+    empty or repeated, or a block that is not referenced. Returns the table and ``ok[1, B]``.
+    Only for a one-group table: a block holds one group's layers, so two groups never share
+    one.
     """
+    if table.num_groups != 1:
+        raise ValueError(f"block_table.adopt: the table has {table.num_groups} layer groups; "
+                         "sharing blocks between sequences needs one")
     slots, counts = _batch("adopt", slots=slots, counts=counts)
     blocks = jnp.asarray(blocks, i32)
     if blocks.shape != (slots.shape[0], table.max_blocks_per_seq):
         raise ValueError(f"block_table.adopt: blocks must be int[{slots.shape[0]}, "
                          f"{table.max_blocks_per_seq}], got {list(blocks.shape)}")
-    return _adopt(table, slots, blocks, counts, _check_groups("adopt", table, groups))
+    return _adopt(table, slots, blocks, counts)
 
 
 def free_where(table: BlockTable, mask: jax.Array, chunk: int = 8) -> BlockTable:
@@ -531,11 +566,12 @@ def slot_mapping(table: BlockTable, slots, positions) -> jax.Array:
 
 
 def num_free_blocks(table: BlockTable) -> jax.Array:
-    """i32[G]: free blocks per group."""
+    """i32[]: free blocks of the pool (each holds one group's layers)."""
     return table.free_top
 
 
 def can_allocate(table: BlockTable, num_tokens, groups=None) -> jax.Array:
-    """bool[G, B]: which of a batch of new requests ``allocate`` would grant, in this order."""
+    """bool[G, B]: which of a batch of new requests ``allocate`` would grant, in this order
+    (each in every group ``groups`` asks for)."""
     (num_tokens,) = _batch("can_allocate", num_tokens=num_tokens)
     return _can_allocate(table, num_tokens, _check_groups("can_allocate", table, groups))

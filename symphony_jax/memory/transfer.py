@@ -1,7 +1,8 @@
 """Copying K,V blocks between a device's pool and its host memory, asynchronously.
 
 A *chunk* is a run of consecutive table columns of one sequence slot, copied out of the pool:
-``k, v: [L, KVH, n, BS, D]``. The layer axis leads, so a chunk can be loaded layer by layer (a
+``k, v: [L, KVH, n, BS, D]``, every layer's (each layer group's rows of its own blocks, in layer
+order; ``kv_cache``). The layer axis leads, so a chunk can be loaded layer by layer (a
 scan over axis 0, ``llama.forward``'s ``loads``), and ``n`` is a power of two so that the copies
 compile for few shapes (``split`` cuts a run of blocks into such pieces, so nothing is padded).
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from symphony_jax.memory.kv_cache import KVPool
+from symphony_jax.memory.kv_cache import KVPool, layer_rows
 
 i32 = jnp.int32
 
@@ -96,13 +97,23 @@ def layer_block_ids(block_ids: jax.Array, slot, first_block, num_blocks: int,
     return jax.lax.dynamic_slice_in_dim(rows, first_block, num_blocks, axis=1)
 
 
+def group_spans(layer_groups: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """``(group, first layer, number of layers)`` of each layer group, in order."""
+    return [(g, layer_groups.index(g), layer_groups.count(g)) for g in sorted(set(layer_groups))]
+
+
 @functools.cache
 def _gather_to(sharding: SingleDeviceSharding):
     def gather(pool: KVPool, block_ids, slot, first_block, *, num_blocks, layer_groups):
-        ids = layer_block_ids(block_ids, slot, first_block, num_blocks, layer_groups)
-        # "clip": XLA:CPU's gather runs about 4x faster than with the default out-of-bounds fill
-        take = jax.vmap(lambda pages, ids: jnp.take(pages, ids, axis=1, mode="clip"))
-        return take(pool.k, ids), take(pool.v, ids)
+        def take(pages):  # each group's layers, from the pool's first rows of its blocks
+            # "clip": XLA:CPU's gather runs about 4x faster than with the default out-of-bounds
+            # fill
+            return jnp.concatenate([jnp.take(
+                pages[:size], jax.lax.dynamic_slice_in_dim(block_ids[g, slot], first_block,
+                                                           num_blocks), axis=2, mode="clip")
+                for g, _, size in group_spans(layer_groups)])
+
+        return take(pool.k), take(pool.v)
 
     return jax.jit(gather, static_argnames=("num_blocks", "layer_groups"),
                    out_shardings=(sharding, sharding))
@@ -137,25 +148,33 @@ def scatter(pool: KVPool, k: jax.Array, v: jax.Array, block_ids: jax.Array, slot
     """Write a device chunk ``k, v: [L, KVH, n, BS, D]`` into ``slot``'s blocks from column
     ``first_block`` on (``block_ids``: the table's, after the blocks were reserved)."""
     ids = layer_block_ids(block_ids, slot, first_block, k.shape[2], layer_groups)
-    put = lambda pages, new: jax.lax.platform_dependent(pages, ids, new, cpu=_put_by_slices,
-                                                        default=_put_by_scatter)
+    by_slices = functools.partial(_put_by_slices, rows=layer_rows(layer_groups))
+    by_scatter = functools.partial(_put_by_scatter, spans=group_spans(layer_groups))
+    put = lambda pages, new: jax.lax.platform_dependent(pages, ids, new, cpu=by_slices,
+                                                        default=by_scatter)
     return KVPool(put(pool.k, k), put(pool.v, v))
 
 
-def _put_by_scatter(pages: jax.Array, ids: jax.Array, new: jax.Array) -> jax.Array:
-    """``pages: [L, KVH, NB, BS, D]`` with ``new: [L, KVH, n, BS, D]`` at blocks ``ids: [L, n]``."""
-    return jax.vmap(lambda pages, ids, new: pages.at[:, ids].set(new))(pages, ids, new)
+def _put_by_scatter(pages: jax.Array, ids: jax.Array, new: jax.Array, *, spans) -> jax.Array:
+    """``pages: [P, KVH, NB, BS, D]`` with ``new: [L, KVH, n, BS, D]`` at blocks ``ids: [L, n]``
+    (each group's layers at the first rows of its blocks; ``spans``: ``group_spans``)."""
+    for _, first, size in spans:
+        pages = pages.at[:size, :, ids[first]].set(new[first:first + size])
+    return pages
 
 
-def _put_by_slices(pages: jax.Array, ids: jax.Array, new: jax.Array) -> jax.Array:
-    """``_put_by_scatter`` as a loop of in-place block updates, one layer's block at a time:
-    XLA:CPU runs it about 2.5x faster than the scatter (a GPU, many times slower)."""
+def _put_by_slices(pages: jax.Array, ids: jax.Array, new: jax.Array, *, rows) -> jax.Array:
+    """``_put_by_scatter`` as a loop of in-place block updates, one layer's block at a time
+    (``rows``: each layer's pool row): XLA:CPU runs it about 2.5x faster than the scatter (a
+    GPU, many times slower)."""
     num_blocks = ids.shape[1]
+    rows = jnp.asarray(np.asarray(rows, np.int32))
 
     def put_block(i, pages):
         layer, block = i // num_blocks, i % num_blocks
         piece = jax.lax.dynamic_slice(new, (layer, 0, block, 0, 0),
                                       (1, new.shape[1], 1, *new.shape[3:]))
-        return jax.lax.dynamic_update_slice(pages, piece, (layer, 0, ids[layer, block], 0, 0))
+        return jax.lax.dynamic_update_slice(pages, piece,
+                                            (rows[layer], 0, ids[layer, block], 0, 0))
 
     return jax.lax.fori_loop(0, ids.size, put_block, pages)

@@ -97,33 +97,35 @@ def forward(params: LlamaParams, pool: KVPool, token_ids: jax.Array, layout: Bat
         raise ValueError(f"forward: {len(layer_groups)} layer groups for {config.num_layers} "
                          "layers")
     groups = jnp.asarray(np.asarray(layer_groups, np.int32))
+    rows = jnp.asarray(np.asarray(kv_cache.layer_rows(layer_groups), np.int32))
     scale = config.head_dim ** -0.5
     x = params.embed[token_ids]
 
-    def load(pages, index, chunks, block_ids):
+    def load(pages, row, chunks, block_ids):
         to_device = [jax.device_put(c, jax.memory.Space.Device) for c in chunks]
-        return kv_cache.write_blocks(pages, index, jnp.concatenate(to_device, axis=1), block_ids)
+        return kv_cache.write_blocks(pages, row, jnp.concatenate(to_device, axis=1), block_ids)
 
     def layer_step(carry, xs):
         x, k_pages, v_pages = carry
         layer_params, index, layer_loads = xs
+        row = rows[index]
         if layer_loads is not None:
-            k_pages = load(k_pages, index, layer_loads.k, layer_loads.block_ids)
-            v_pages = load(v_pages, index, layer_loads.v, layer_loads.block_ids)
+            k_pages = load(k_pages, row, layer_loads.k, layer_loads.block_ids)
+            v_pages = load(v_pages, row, layer_loads.v, layer_loads.block_ids)
         q, k, v = project_qkv(x, layer_params, layout.positions, config)
         group = groups[index]
         slots = layout.slot_mapping[group]
-        k_pages = kv_cache.write(k_pages, index, k, slots)
-        v_pages = kv_cache.write(v_pages, index, v, slots)
+        k_pages = kv_cache.write(k_pages, row, k, slots)
+        v_pages = kv_cache.write(v_pages, row, v, slots)
         tables = layout.block_tables[group]
         if decode:
             attention = pk.paged_decode_attention(q, k_pages, v_pages, tables,
                                                   layout.context_lens, sm_scale=scale,
-                                                  layer=index, impl=impl)
+                                                  layer=row, impl=impl)
         else:
             attention = pk.paged_prefill_attention(q, k_pages, v_pages, tables,
                                                    layout.context_lens, layout.query_start_loc,
-                                                   sm_scale=scale, layer=index, impl=impl)
+                                                   sm_scale=scale, layer=row, impl=impl)
         return (finish_layer(x, attention, layer_params, config), k_pages, v_pages), None
 
     (x, k_pages, v_pages), _ = jax.lax.scan(

@@ -63,7 +63,7 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
     too_long = ((new.prompt_len > limits.max_model_len)
                 | (new.max_new_tokens > limits.max_model_len - new.prompt_len))
     total = jnp.where(too_long, 0, new.prompt_len + new.max_new_tokens)
-    too_big = -(-total // table.block_size) > table.num_blocks - 1
+    too_big = -(-total // table.block_size) * table.num_groups > table.num_blocks - 1
     reason = jnp.select([~present | malformed, too_long, too_big],
                         [S.INVALID, S.TOO_LONG, S.NO_MEMORY], S.ADMITTED).astype(i32)
 

@@ -63,7 +63,7 @@ def _bucket(keys: jax.Array, num_buckets: int) -> jax.Array:
 
 def evictable(cache: PrefixCache, table: bt.BlockTable) -> jax.Array:
     """bool[NB]: cached blocks nothing but the cache references."""
-    return is_key(cache.block_keys) & (table.ref_counts[0] == 1)
+    return is_key(cache.block_keys) & (table.ref_counts == 1)
 
 
 def lookup(cache: PrefixCache, keys: jax.Array) -> jax.Array:
@@ -104,7 +104,7 @@ def register(cache: PrefixCache, table: bt.BlockTable, keys: jax.Array, blocks: 
     already = is_key(cache.block_keys[safe])
     current = cache.blocks[bucket]
     occupied = current < NB
-    current_evictable = occupied & (table.ref_counts[0].at[current].get(mode="fill",
+    current_evictable = occupied & (table.ref_counts.at[current].get(mode="fill",
                                                                         fill_value=0) == 1)
     can = valid & is_key(keys) & ~present & ~already & (~occupied | current_evictable)
     first = jnp.full(H, E, i32).at[jnp.where(can, bucket, H)].min(jnp.arange(E, dtype=i32),

@@ -1,11 +1,11 @@
 """The scheduler in plain Python, of the usual engine design, making the jitted one's decisions.
 
-Per-slot records, a running list and a waiting queue kept in policy order, an idle set, one
-``PyBlockAllocator`` per layer group, and a numpy copy of every group's block rows from which a
+Per-slot records, a running list and a waiting queue kept in policy order, an idle set, a
+``PyBlockAllocator`` with a row per slot in each layer group, and a numpy copy of every group's block rows from which a
 step's ``BatchLayout`` is built and moved to the device. Its transitions are those of
 ``admission`` and ``step`` (read their docs for the rules), decision for decision: it is the
 oracle of the scheduler's equivalence tests and the baseline of
-``experiments/bench/scheduler.py``. Block ids are its allocators' own; the jitted table may
+``experiments/bench/scheduler.py``. Block ids are its allocator's own; the jitted table may
 number them otherwise.
 
 Prefix caching is not mirrored.
@@ -100,6 +100,7 @@ class PyPlan:
     preempted: list[bool]
     offloads: list[bool]  # always False: no host tier
     restores: list[bool]  # always False
+    restore_groups: list[int]  # always 0
     evicted: list[bool]
     decode_only: bool
 
@@ -120,9 +121,9 @@ class PyScheduler:
         self.limits, self.policy = limits, policy
         self.num_slots = R = limits.slots
         self.block_size, self.num_blocks = config.cache.block_size, config.cache.num_device_blocks
-        groups, width = config.cache.num_layer_groups, config.max_blocks_per_seq
-        self.allocators = [PyBlockAllocator(R, self.num_blocks, width, self.block_size)
-                           for _ in range(groups)]
+        self.groups, width = config.cache.num_layer_groups, config.max_blocks_per_seq
+        groups = self.groups
+        self.allocator = PyBlockAllocator(R, self.num_blocks, width, self.block_size, groups)
         self.rows = np.zeros((groups, R + 1, width), np.int32)  # row R: padding (null block)
         self.slots = [Slot() for _ in range(R)]
         self.running: list[int] = []  # RUNNING slots in policy order
@@ -139,7 +140,7 @@ class PyScheduler:
     @property
     def cached_tokens(self) -> list[int]:
         """Tokens of each slot with cached K,V (group 0, like ``SchedulerState``)."""
-        return self.allocators[0].tokens
+        return self.allocator.tokens[0]
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -163,18 +164,17 @@ class PyScheduler:
             del self.holder[rec.session_id]
 
     def _free(self, slots: Sequence[int]) -> None:
-        for allocator in self.allocators:
-            allocator.free(slots)
+        self.allocator.free(slots)
         self.rows[:, [s for s in slots if 0 <= s < self.num_slots]] = 0
 
     def _reserve(self, slots: list[int], counts: list[int]) -> None:
         bs, tokens = self.block_size, self.cached_tokens
         spans = [(s, -(-tokens[s] // bs), -(-(tokens[s] + n) // bs)) for s, n in zip(slots, counts)]
-        for g, allocator in enumerate(self.allocators):
-            allocator.reserve(slots, counts)
+        self.allocator.reserve(slots, counts)
+        for g, rows in enumerate(self.allocator.blocks):
             for s, first, end in spans:
                 if end > first:
-                    self.rows[g, s, first:end] = allocator.blocks[s][first:end]
+                    self.rows[g, s, first:end] = rows[s][first:end]
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -185,7 +185,8 @@ class PyScheduler:
             return S.INVALID
         if r.prompt_len + r.max_new_tokens > self.limits.max_model_len:
             return S.TOO_LONG
-        if -(-(r.prompt_len + r.max_new_tokens) // self.block_size) > self.num_blocks - 1:
+        if (-(-(r.prompt_len + r.max_new_tokens) // self.block_size) * self.groups
+                > self.num_blocks - 1):
             return S.NO_MEMORY
         return S.ADMITTED
 
@@ -288,22 +289,20 @@ class PyScheduler:
             grant[s], count = got, count + 1
         return grant
 
-    def _free_blocks(self) -> int:
-        return min(allocator.num_free_blocks for allocator in self.allocators)
-
     def _running_need(self, order: list[int], grant: list[int]) -> int:
+        """Blocks the running slots' grants take, in every layer group."""
         slots, tokens, bs = self.slots, self.cached_tokens, self.block_size
-        return sum(_blocks_needed(tokens[s], grant[s], bs) for s in order
-                   if grant[s] and slots[s].status == S.RUNNING)
+        return self.groups * sum(_blocks_needed(tokens[s], grant[s], bs) for s in order
+                                 if grant[s] and slots[s].status == S.RUNNING)
 
     def _first_misfit(self, order: list[int], grant: list[int], running_need: int) -> int | None:
         """Position of the first waiting slot whose blocks do not fit after the running slots'
         (``running_need``) and the earlier waiting slots'."""
         slots, tokens, bs = self.slots, self.cached_tokens, self.block_size
-        spare, total = self._free_blocks() - running_need, 0
+        spare, total = self.allocator.num_free_blocks - running_need, 0
         for i, s in enumerate(order):
             if grant[s] and slots[s].status in WAITS:
-                need = _blocks_needed(tokens[s], grant[s], bs)
+                need = self.groups * _blocks_needed(tokens[s], grant[s], bs)
                 total += need
                 if need and total > spare:
                     return i
@@ -346,7 +345,7 @@ class PyScheduler:
             excluded = denied | {s for s in order if preempted[s]}
             grant = self._budget(order, wants, excluded)
             need = self._running_need(order, grant)
-            while need > self._free_blocks():
+            while need > self.allocator.num_free_blocks:
                 victims = self._victims(order, -1, for_running=True)
                 if not victims:
                     break
@@ -399,7 +398,7 @@ class PyScheduler:
         return PyPlan(query_lens=grant, order=batch + [R] * (R - len(batch)),
                       num_seqs=len(batch), num_tokens=sum(grant[s] for s in batch),
                       samples=samples, preempted=preempted, offloads=[False] * R,
-                      restores=[False] * R, evicted=evicted,
+                      restores=[False] * R, restore_groups=[0] * R, evicted=evicted,
                       decode_only=bool(batch) and all(grant[s] == 1 for s in batch))
 
     def layout(self, plan: PyPlan, num_seqs: int, num_tokens: int) -> BatchLayout:
@@ -424,7 +423,7 @@ class PyScheduler:
         token_slots[:total] = seq_slots[seq]
         positions[:total] = first[seq] + np.arange(total, dtype=i32)
         block_tables = self.rows[:, seq_slots]
-        slot_mapping = np.full((len(self.allocators), num_tokens), self.num_blocks * bs, i32)
+        slot_mapping = np.full((self.groups, num_tokens), self.num_blocks * bs, i32)
         slot_mapping[:, :total] = (block_tables[:, seq, positions[:total] // bs] * bs
                                    + positions[:total] % bs)
         return jax.device_put(BatchLayout(

@@ -15,10 +15,14 @@
    it waits to recompute, or with ``swap`` it waits, ``OFFLOADED``, for the copy of its K,V
    to the host tier). Waiting slots then take blocks in order while they fit (idle sessions
    giving way first); a waiting slot that does not fit, and every one after it, waits.
-5. A restorable slot (``state`` doc) is scheduled as if its host tokens were cached, and its
-   blocks are reserved for them too: with ``layerwise_loading`` it runs in this step while
-   they are copied back layer by layer; otherwise it gives its tokens back for this step and
-   waits, ``LOADING``, for the copy.
+   An idle session whose host copy holds everything it has on the device loses only its
+   upper-most resident layer group at a time (SYMPHONY's purge): what it gives is free to drop,
+   and its lower layers stay for its next request.
+5. A restorable slot (a waiting slot missing layer groups that the host tier holds: all of them,
+   or the upper ones a purge took) is scheduled as if its host tokens were cached, and blocks
+   are reserved for them in the groups it misses: with ``layerwise_loading`` it runs in this
+   step while they are copied back layer by layer; otherwise it gives its tokens back for this
+   step and waits, ``LOADING``, for the copy.
 
 Running work is never preempted for waiting work. The plan lists each slot's query length, the
 slots in batch order, and which slots sample a token (their step reaches the last known token).
@@ -59,7 +63,10 @@ class StepPlan:
     #                                 dispatch order)
     restores: jax.Array  # bool[R]   slots whose host K,V is copied back into blocks reserved
     #                                 for it this step (``host_tokens`` of them)
-    evicted: jax.Array  # bool[R]    idle session that lost its K,V this step
+    restore_groups: jax.Array  # i32[R]  of which, the layer groups missing on the device (the
+    #                                 upper ones): only their layers need the copy
+    evicted: jax.Array  # bool[R]    idle session that lost its K,V (or some layer groups of it)
+    #                                 this step
     decode_only: jax.Array  # bool[] every scheduled slot computes exactly one token
 
 
@@ -127,24 +134,27 @@ def _overlap(start, length, end) -> jax.Array:
 
 def _reserve(table: bt.BlockTable, grant: jax.Array, batch: jax.Array,
              limits: SchedulerConfig, restores: bool, chunk: int = 8) -> bt.BlockTable:
-    """Reserve the granted tokens (they fit; ``batch`` lists the scheduled slots first). Most
-    slots need at most one new block (decode tokens, small chunks): they are reserved together,
-    one block wide, over the first ``max_num_seqs`` slots of the batch; the others are reserved
-    ``chunk`` at a time, as wide as a whole budget — or a whole sequence when ``restores``
-    (a restored slot reserves its host tokens too) — so the work follows what is reserved."""
-    R = grant.shape[0]
-    need = blocks_needed(table.num_tokens[0], grant, table.block_size)
+    """Reserve the granted tokens (``i32[G, R]``, per layer group; they fit; ``batch`` lists
+    the scheduled slots first). Most slots need at most one new block (decode tokens, small
+    chunks): they are reserved together, one block wide, over the first ``max_num_seqs`` slots
+    of the batch; the others are reserved ``chunk`` at a time, as wide as a whole budget — or a
+    whole sequence when ``restores`` (a restored slot reserves its host tokens too) — so the
+    work follows what is reserved."""
+    R = grant.shape[1]
+    need = blocks_needed(table.num_tokens, grant, table.block_size)
     head = batch[: limits.max_num_seqs]
-    narrow = (grant > 0) & (need <= 1) & jnp.zeros(R, bool).at[head].set(True)
-    table, _ = bt.reserve(table, jnp.where(narrow[head], head, R), grant[head], max_new_blocks=1)
+    some = (grant > 0).any(axis=0)
+    narrow = some & (need <= 1).all(axis=0) & jnp.zeros(R, bool).at[head].set(True)
+    table, _ = bt.reserve(table, jnp.where(narrow[head], head, R), grant[:, head],
+                          max_new_blocks=1)
     width = table.max_blocks_per_seq if restores else min(
         -(-limits.max_num_batched_tokens // table.block_size) + 1, table.max_blocks_per_seq)
 
     def reserve_wide(table, slots):
-        counts = grant.at[slots].get(mode="fill", fill_value=0)
+        counts = grant.at[:, slots].get(mode="fill", fill_value=0)
         return bt.reserve(table, slots, counts, max_new_blocks=width)[0]
 
-    return bt.in_chunks(table, (grant > 0) & ~narrow, reserve_wide, chunk)
+    return bt.in_chunks(table, some & ~narrow, reserve_wide, chunk)
 
 
 @functools.partial(jax.jit, donate_argnames="state", static_argnames=("limits", "policy"))
@@ -165,20 +175,24 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
     r = dataclasses.replace(r, status=jnp.where(expired, S.EMPTY, r.status))
 
     is_waiting = lambda status: (status == S.WAITING) | (status == S.PREEMPTED)
-    restorable = is_waiting(r.status) & (table.num_tokens[0] == 0) & (r.host_tokens > 0)
-    from_host = jnp.where(restorable, r.host_tokens, 0)  # restored if the slot runs
-    cached = table.num_tokens[0] + from_host
+    # Layer groups a waiting slot misses that the host tier holds (all, or those a purge took)
+    missing = (is_waiting(r.status) & (r.host_tokens > 0))[None] & (table.num_tokens == 0)
+    restorable = missing.any(axis=0)
+    from_host = jnp.where(missing, r.host_tokens, 0)  # i32[G, R]: restored if the slot runs
+    cached = jnp.where(restorable, r.host_tokens, table.num_tokens[0])
     known = r.prompt_len + r.num_generated
     active = (r.status == S.RUNNING) | is_waiting(r.status)
     order = _order(r, known, cached, policy)
     position = jnp.zeros(R, i32).at[order].set(slots)  # rank of each slot in the order
     want = jnp.where(active, known - cached, 0)
-    free_blocks = lambda table: table.free_top.min()
+    free_blocks = lambda table: table.free_top
 
     def needs(room: _Room, mask) -> jax.Array:
-        tokens = room.table.num_tokens[0]
+        """Blocks of the pool each slot in ``mask`` takes for its grant, in every layer group
+        (and for the host tokens of the groups it restores)."""
         grant = room.grant + jnp.where(room.grant > 0, from_host, 0)
-        return jnp.where(mask, blocks_needed(tokens, grant, room.table.block_size), 0)
+        need = blocks_needed(room.table.num_tokens, grant, room.table.block_size).sum(axis=0)
+        return jnp.where(mask, need, 0)
 
     def running_deficit(room: _Room) -> jax.Array:
         return needs(room, room.status == S.RUNNING).sum() - free_blocks(room.table)
@@ -234,8 +248,14 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         # An idle session whose K,V the host tier holds keeps its slot: its next turn restores.
         idle_status = jnp.where(r.host_tokens[victim] > 0, S.FINISHED, S.EMPTY)
         status = jnp.where(preempt, jnp.where(swap, S.OFFLOADED, S.PREEMPTED), idle_status)
+        # If the host holds all it has on the device, it loses its upper-most group only.
+        tokens = room.table.num_tokens[:, victim]  # [G]
+        G = tokens.shape[0]
+        top = G - 1 - jnp.argmax(tokens[::-1] > 0)
+        purge = ~preempt & (r.host_tokens[victim] >= tokens[0])
+        groups = jnp.where(purge, jnp.arange(G) == top, True)
         return dataclasses.replace(
-            room, table=bt.free(room.table, victim[None]),
+            room, table=bt.free(room.table, victim[None], groups),
             status=room.status.at[victim].set(status),
             grant=room.grant.at[victim].set(jnp.where(preempt, 0, room.grant[victim])),
             evicted=room.evicted.at[victim].set(room.evicted[victim] | ~preempt),
@@ -270,7 +290,7 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
     if not policy.layerwise_loading:  # the copy comes first: a later step computes
         grant = jnp.where(restores, 0, grant)
     scheduled = grant > 0
-    reserved = grant + jnp.where(restores, from_host, 0)
+    reserved = grant + jnp.where(restores, from_host, 0)  # i32[G, R]
     # Scheduled slots in order, then slots restoring only (they reserve blocks too), then others:
     # distinct keys ``group * R + position``, whose order gives positions in batch order.
     batch_order = order[jnp.sort(jnp.select([scheduled, restores], [position, R + position],
@@ -295,6 +315,7 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         preempted=preempted,
         offloads=(status == S.OFFLOADED) & (r.status != S.OFFLOADED),
         restores=restores,
+        restore_groups=jnp.where(restores, missing.sum(axis=0, dtype=i32), 0),
         evicted=evicted,
         decode_only=scheduled.any() & jnp.all(grant <= 1),
     )

@@ -11,15 +11,17 @@ padding):
   ``PREFETCHING`` slot becomes an idle session resident on the device.
 - ``lost``: the host tier no longer holds the slot's K,V (evicted, unreadable, or never
   stored for want of room): the slot falls back to recomputing. A ``LOADING`` or
-  ``PREFETCHING`` slot gives its reserved blocks back; an idle session with nothing left on the
-  device empties its slot.
+  ``PREFETCHING`` slot gives its reserved blocks back, and so does a slot that a purge left
+  with its lower layer groups only (useless without the others); an idle session with nothing
+  left on the device empties its slot.
 
 Two more prepare a session's next request before it arrives (SYMPHONY's node manager):
 
 - ``adopt``: empty slots become idle sessions holding nothing yet, whose K,V is on its way to
   the host tier (a migration from another node; ``stored`` follows, or ``lost``).
-- ``prefetch``: idle sessions whose K,V only the host tier holds take free blocks for it
-  (never evicting anything), ``PREFETCHING``, while the executor copies it in.
+- ``prefetch``: idle sessions missing layer groups that the host tier holds (all of them, or
+  the upper ones a purge took) take free blocks for them, lower groups first, never evicting
+  anything; ``PREFETCHING`` while the executor copies them in.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def lost(state: S.SchedulerState, slots: jax.Array) -> S.SchedulerState:
     hit = _hit(state, slots)
     loading = hit & (r.status == S.LOADING)
     prefetching = hit & (r.status == S.PREFETCHING)
-    table = bt.free_where(table, loading | prefetching)
+    partial = hit & (table.num_tokens[0] > 0) & (table.num_tokens[-1] == 0)
+    table = bt.free_where(table, loading | prefetching | partial)
     empty = hit & ((r.status == S.FINISHED) | prefetching) & (table.num_tokens[0] == 0)
     status = jnp.select([loading | (hit & (r.status == S.OFFLOADED)), empty],
                         [S.PREEMPTED, S.EMPTY], r.status)
@@ -93,21 +96,28 @@ def adopt(state: S.SchedulerState, slots: jax.Array, session_ids: jax.Array,
 
 @functools.partial(jax.jit, donate_argnames="state")
 def prefetch(state: S.SchedulerState, slots: jax.Array) -> tuple[S.SchedulerState, jax.Array]:
-    """Idle ``slots`` (i32[K]) with nothing on the device and ``host_tokens > 0`` take free
-    blocks for those tokens, in order while they fit, and become ``PREFETCHING``. Returns the
-    state and which of ``slots`` did (bool[K])."""
+    """Idle ``slots`` (i32[K]) whose device misses layer groups of the ``host_tokens`` the host
+    tier holds take free blocks for them, greedily and lower layers first (SYMPHONY's fill):
+    every slot's group g, in order while they fit, before any slot's group g + 1; a slot stops
+    at its first group that does not fit. Slots given any become ``PREFETCHING``. Returns the
+    state and the groups each of ``slots`` was given (bool[G, K])."""
     r, table, R = state.requests, state.blocks, state.num_slots
     slots = jnp.where((slots >= 0) & (slots < R), slots, R)
     get = lambda column, fill: column.at[slots].get(mode="fill", fill_value=fill)
-    eligible = ((get(r.status, S.EMPTY) == S.FINISHED) & (get(table.num_tokens[0], 1) == 0)
-                & (get(r.host_tokens, 0) > 0))
-    table, ok = bt.reserve(table, jnp.where(eligible, slots, R),
-                           jnp.where(eligible, get(r.host_tokens, 0), 0))
-    granted = eligible & ok.all(axis=0)
-    # (Groups have equal capacities, so they grant alike; a slot some group refused gives back
-    # what others reserved.)
-    table = bt.free_where(table, jnp.zeros(R, bool).at[jnp.where(eligible & ~granted, slots, R)]
-                          .set(True, mode="drop"))
+    host = get(r.host_tokens, 0)
+    tokens = table.num_tokens.at[:, slots].get(mode="fill", fill_value=1)  # [G, K]
+    # Nothing on the device, or the lower groups a purge left (holding what the host holds).
+    going = ((get(r.status, S.EMPTY) == S.FINISHED) & (host > 0)
+             & ((tokens[0] == 0) | (tokens[0] == host)))
+    given, groups = [], jnp.arange(table.num_groups)
+    for g in range(table.num_groups):
+        want = going & (tokens[g] == 0)
+        table, ok = bt.reserve(table, jnp.where(want, slots, R), jnp.where(want, host, 0),
+                               groups == g)
+        given.append(want & ok[g])
+        going &= given[-1] | (tokens[g] > 0)
+    given = jnp.stack(given)
+    granted = given.any(axis=0)
     status = r.status.at[jnp.where(granted, slots, R)].set(S.PREFETCHING, mode="drop")
     return dataclasses.replace(state, blocks=table, requests=dataclasses.replace(
-        r, status=status)), granted
+        r, status=status)), given

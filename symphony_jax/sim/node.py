@@ -61,6 +61,7 @@ class Stretch:
     idle: jax.Array  # bool[]       its last step ran nothing: wait for an event
     offloads: jax.Array  # bool[R]  of the last step: slots swapped out
     restores: jax.Array  # bool[R]  and restored
+    restore_groups: jax.Array  # i32[R]  layer groups each restore brings (the upper ones)
     cached_before: jax.Array  # i32[R] each slot's cached tokens before the last step
     query_lens: jax.Array  # i32[R]  and the tokens each computed in it
     # After the stretch (read with it):
@@ -76,7 +77,7 @@ class Stretch:
         zero, no = np.zeros(R, np.int32), np.zeros(R, bool)
         return cls(np.float32(0), np.int32(0), np.int32(0), np.float32(0),
                    np.full(R, np.inf, np.float32), no, np.bool_(False), np.bool_(False), no, no,
-                   zero, zero, np.int32(0), zero, zero, zero, zero)
+                   zero, zero, zero, np.int32(0), zero, zero, zero, zero)
 
     def pack(self) -> tuple[jax.Array, jax.Array]:
         """The fields as one f32 and one i32 vector: two reads to the host, not 17."""
@@ -144,7 +145,7 @@ def _decode_run(state: S.SchedulerState, start, elapsed, steps, horizon, *, cost
     expiry = jnp.where(r.status == S.FINISHED, r.expiry, jnp.inf).min()
     step = steps + ahead
     ok = (((step == 0) | (begins < horizon)) & (step < max_steps)
-          & (new_blocks <= table.free_top.min()) & (ahead + 1 < left)
+          & (new_blocks * table.num_groups <= table.free_top) & (ahead + 1 < left)
           & (jnp.asarray(start, f32) + begins < expiry))
     return jnp.where(ok.all(), run, jnp.argmin(ok)).astype(i32), dt
 
@@ -183,7 +184,8 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
             last_start=out.elapsed,
             first_token=jnp.where(first, elapsed, out.first_token), finished=finished,
             copies=plan.offloads.any() | plan.restores.any(), idle=plan.num_seqs == 0,
-            offloads=plan.offloads, restores=plan.restores, cached_before=before,
+            offloads=plan.offloads, restores=plan.restores,
+            restore_groups=plan.restore_groups, cached_before=before,
             query_lens=plan.query_lens)
 
     def jump(carry, k, dt):
@@ -205,6 +207,7 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
             out, elapsed=elapsed, steps=out.steps + k, rounds=out.rounds + 1,
             last_start=last_start, finished=no,
             copies=jnp.bool_(False), idle=jnp.bool_(False), offloads=no, restores=no,
+            restore_groups=jnp.zeros(R, i32),
             cached_before=state.cached_tokens + jnp.where(running, k - 1, 0),
             query_lens=running.astype(i32))
 
@@ -223,13 +226,13 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
         state, out = carry
         return (~out.finished.any() & ~out.copies & ~out.idle & (out.steps < max_steps)
                 & ((out.steps == 0) | ((out.elapsed < horizon)
-                                       & (state.blocks.free_top.min() < wake_free))))
+                                       & (state.blocks.free_top < wake_free))))
 
     out = jax.tree.map(jnp.asarray, Stretch.empty(R))
     state, out = jax.lax.while_loop(going, body, (state, out))
     r = state.requests
     return state, dataclasses.replace(
-        out, free_blocks=state.blocks.free_top.min(), cached=state.cached_tokens,
+        out, free_blocks=state.blocks.free_top, cached=state.cached_tokens,
         computed=r.computed, recomputed=r.recomputed_history, host_tokens=r.host_tokens).pack()
 
 
@@ -276,7 +279,10 @@ class SimNode:
         self.state = S.init(config)
         R = config.scheduler.slots
         self.block_size = config.cache.block_size
-        self.block_bytes = config.model.kv_bytes_per_token() * self.block_size
+        self.block_bytes = config.model.kv_bytes_per_token() * self.block_size  # all layers
+        groups = config.layer_groups  # upper_layers[k]: layers of the upper k layer groups
+        self.upper_layers = [sum(g >= config.cache.num_layer_groups - k for g in groups)
+                             for k in range(config.cache.num_layer_groups + 1)]
         self.slot_request = np.full(R, -1, np.int64)
         self.slot_session = np.full(R, S.NO_SESSION, np.int64)
         self.host = HostTier(config.cache.num_host_blocks, self.block_bytes)
@@ -380,8 +386,10 @@ class SimNode:
         restoring = np.flatnonzero(out.restores)
         if not len(restoring):
             return
-        nbytes = sum(-(-int(t) // self.block_size) for t in out.host_tokens[restoring]) * \
-            self.block_bytes
+        # Only the layers of the groups missing on the device move (a purge took the upper ones).
+        nbytes = sum(-(-int(out.host_tokens[s]) // self.block_size) * self.block_bytes
+                     * self.upper_layers[out.restore_groups[s]] // self.config.model.num_layers
+                     for s in restoring)
         for slot in restoring:
             self.host.touch(int(slot))
         slots, copy = [int(s) for s in restoring], object()
@@ -483,6 +491,17 @@ class SimNode:
             return None
         return slot
 
+    def prefetch_session(self, session_id: int, now: float) -> None:
+        """Before idle ``session_id``'s next request, copy into free blocks the layer groups of
+        its K,V that only the host tier holds, lower layers first (as ``Engine``'s)."""
+        slot = self.idle_slot(session_id)
+        if slot is None or self.stored[slot] == 0:
+            return
+        if not (jax.device_get(self.state.blocks.num_tokens[:, slot]) > 0).all():
+            self.to_prefetch.add(slot)
+            self.idle = False
+            self.prefetch(now)
+
     def session_tokens(self, slot: int) -> int:
         cached = int(jax.device_get(self.state.cached_tokens[slot]))
         return max(cached, self.host.tokens(slot))
@@ -520,24 +539,29 @@ class SimNode:
         self.idle = False
 
     def prefetch(self, now: float, instant: bool = False) -> None:
-        """Copy migrated sessions into free blocks, in slot order while they fit."""
+        """Copy the sessions to prefetch into free blocks (``tiers.prefetch``: lower layer
+        groups first, in slot order while they fit); only the groups given blocks move."""
         need = self._blocks_to_prefetch
         slots = [s for s in sorted(self.to_prefetch) if need(s) <= self.free_blocks]
         if not slots:
             return
-        self.state, granted = tiers.prefetch(self.state, self._slots(slots))
-        for slot, ok in zip(slots, np.asarray(granted).tolist()):
-            if not ok:
+        self.state, given = tiers.prefetch(self.state, self._slots(slots))
+        groups = self.config.layer_groups
+        for slot, got in zip(slots, np.asarray(given)[:, :len(slots)].T):
+            if not got.any():
                 continue
             self.to_prefetch.discard(slot)
             self.prefetching.add(slot)
-            self.free_blocks -= need(slot)
-            nbytes = 0 if instant else need(slot) * self.block_bytes
+            self.free_blocks -= need(slot) * int(got.sum())
+            layers = sum(bool(got[g]) for g in groups)
+            nbytes = 0 if instant else (need(slot) * self.block_bytes * layers
+                                        // self.config.model.num_layers)
             generation = self.generation[slot]
             self.launch(now, self.pcie, nbytes,
                         functools.partial(self._prefetched, slot, generation))
 
     def _blocks_to_prefetch(self, slot: int) -> int:
+        """Blocks of the pool a slot's stored K,V takes in one layer group."""
         return -(-int(self.stored[slot]) // self.block_size)
 
     def _prefetched(self, slot: int, generation: int, t: float) -> None:
@@ -569,7 +593,8 @@ class SimNode:
 
     @property
     def device_bytes(self) -> int:
-        return (self.config.cache.num_device_blocks - 1 - self.free_blocks) * self.block_bytes
+        return (self.config.cache.num_device_blocks - 1 - self.free_blocks) * (
+            self.config.block_bytes)
 
     @property
     def host_bytes(self) -> int:

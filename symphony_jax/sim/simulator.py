@@ -318,8 +318,11 @@ class Simulator:
             self._migrate(session, self.scheduler.advise(session, t), t)
 
     def _migrate(self, session: int, dst: int, t: float) -> None:
-        """Start moving ``session``'s K,V to node ``dst`` if another node holds it."""
+        """Start moving ``session``'s K,V to node ``dst`` if another node holds it; if ``dst``
+        does, bring what its host tier alone holds into free blocks there."""
         src = self.scheduler.kv_node(session, t)
+        if src == dst and session not in self.migrating:
+            self.nodes[dst].prefetch_session(session, max(t, self.nodes[dst].clock))
         if src < 0 or src == dst or session in self.migrating:
             return
         slot = self.nodes[src].idle_slot(session)

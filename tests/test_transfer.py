@@ -21,7 +21,7 @@ from symphony_jax.memory import block_table as bt
 from symphony_jax.memory import transfer
 from symphony_jax.memory.disk_tier import DiskTier, DiskTierError, manifest_text
 from symphony_jax.memory.host_tier import Entry, HostTier, HostTierFull
-from symphony_jax.memory.kv_cache import KVPool, layer_rows
+from symphony_jax.memory.kv_cache import KVPool, group_spans, layer_rows
 
 DEVICE = jax.devices()[0]
 BS = 4  # block size
@@ -155,7 +155,7 @@ def test_both_ways_of_writing_blocks_match_numpy(seed, layers, data, num_blocks)
         expected[pool_row(layer_groups, layer)][:, ids[layer]] = new[layer]
     for put in (functools.partial(transfer._put_by_slices, rows=layer_rows(layer_groups)),
                 functools.partial(transfer._put_by_scatter,
-                                  spans=transfer.group_spans(layer_groups))):
+                                  spans=group_spans(layer_groups))):
         np.testing.assert_array_equal(np.asarray(jax.jit(put)(pages, ids, new)), expected)
 
 

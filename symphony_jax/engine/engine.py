@@ -317,8 +317,9 @@ class Engine:
     def residency(self, session_id: int) -> Residency | None:
         """Where ``session_id``'s K,V is here (None: this engine holds no sequence of it)."""
         slot, _ = self._idle_slot(session_id)
-        if slot is None:
-            return None
+        return None if slot is None else self._residency(slot)
+
+    def _residency(self, slot: int) -> Residency:
         tokens = jax.device_get(self.device.scheduler.blocks.num_tokens[:, slot])
         host = 0 if self.host is None else int(self.host.stored_tokens[slot])
         return Residency(tuple(int(t) for t in tokens), host)
@@ -330,8 +331,8 @@ class Engine:
         slot, idle = self._idle_slot(session_id)
         if self.host is None or slot is None or not idle or slot in self.host.prefetching:
             return
-        resident = jax.device_get(self.device.scheduler.blocks.num_tokens[:, slot]) > 0
-        if self.host.stored_tokens[slot] > 0 and not resident.all():
+        where = self._residency(slot)
+        if where.host_tokens > 0 and 0 in where.device_tokens:
             self.host.to_prefetch.add(slot)
 
     def drop_session(self, session_id: int) -> bool:

@@ -372,9 +372,8 @@ def _fork(table, src, dst, groups):
 def _slot_mapping(table, slots, positions):
     G, S = table.num_groups, table.num_slots
     t = _flat(table)
-    slots = _sentinel(slots, S)
-    flat_slots = jnp.where(slots[None, :] < S,
-                           jnp.arange(G, dtype=i32)[:, None] * S + slots[None, :], G * S)
+    entries, _ = _entries(_sentinel(slots, S), jnp.ones(G, bool), S)
+    flat_slots = _per_group(entries, G)  # [G, T]
     length = t.num_tokens.at[flat_slots].get(mode="fill", fill_value=0)  # [G, T]
     valid = (positions >= 0) & (positions < length)
     column = jnp.where(valid, positions // t.block_size, 0)

@@ -47,9 +47,14 @@ def create(model: ModelConfig, cache: CacheConfig, dtype=None, device=None) -> K
     return KVPool(jnp.zeros(shape, dtype, device=device), jnp.zeros(shape, dtype, device=device))
 
 
+def group_spans(layer_groups: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """``(group, first layer, number of layers)`` of each (contiguous) layer group, in order."""
+    return [(g, layer_groups.index(g), layer_groups.count(g)) for g in sorted(set(layer_groups))]
+
+
 def layer_rows(layer_groups: tuple[int, ...]) -> tuple[int, ...]:
-    """Each layer's row of the pool: its place in its (contiguous) layer group."""
-    return tuple(layer - layer_groups.index(group) for layer, group in enumerate(layer_groups))
+    """Each layer's row of the pool: its place in its layer group."""
+    return tuple(row for _, _, size in group_spans(layer_groups) for row in range(size))
 
 
 def at_least_two(index: jax.Array, values: jax.Array, dropped: int):

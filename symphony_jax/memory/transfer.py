@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from symphony_jax.memory.kv_cache import KVPool, layer_rows
+from symphony_jax.memory.kv_cache import KVPool, group_spans, layer_rows
 
 i32 = jnp.int32
 
@@ -95,11 +95,6 @@ def layer_block_ids(block_ids: jax.Array, slot, first_block, num_blocks: int,
     """i32[L, n]: the slot's blocks ``first_block...`` in each layer's group table."""
     rows = block_ids[jnp.asarray(np.asarray(layer_groups, np.int32)), slot]  # [L, MB]
     return jax.lax.dynamic_slice_in_dim(rows, first_block, num_blocks, axis=1)
-
-
-def group_spans(layer_groups: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """``(group, first layer, number of layers)`` of each layer group, in order."""
-    return [(g, layer_groups.index(g), layer_groups.count(g)) for g in sorted(set(layer_groups))]
 
 
 @functools.cache

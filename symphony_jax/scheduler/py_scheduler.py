@@ -1,9 +1,9 @@
 """The scheduler in plain Python, of the usual engine design, making the jitted one's decisions.
 
 Per-slot records, a running list and a waiting queue kept in policy order, an idle set, a
-``PyBlockAllocator`` with a row per slot in each layer group, and a numpy copy of every group's block rows from which a
-step's ``BatchLayout`` is built and moved to the device. Its transitions are those of
-``admission`` and ``step`` (read their docs for the rules), decision for decision: it is the
+``PyBlockAllocator`` with a row per slot in each layer group, and a numpy copy of those rows
+from which a step's ``BatchLayout`` is built and moved to the device. Its transitions are those
+of ``admission`` and ``step`` (read their docs for the rules), decision for decision: it is the
 oracle of the scheduler's equivalence tests and the baseline of
 ``experiments/bench/scheduler.py``. Block ids are its allocator's own; the jitted table may
 number them otherwise.
@@ -122,9 +122,8 @@ class PyScheduler:
         self.num_slots = R = limits.slots
         self.block_size, self.num_blocks = config.cache.block_size, config.cache.num_device_blocks
         self.groups, width = config.cache.num_layer_groups, config.max_blocks_per_seq
-        groups = self.groups
-        self.allocator = PyBlockAllocator(R, self.num_blocks, width, self.block_size, groups)
-        self.rows = np.zeros((groups, R + 1, width), np.int32)  # row R: padding (null block)
+        self.allocator = PyBlockAllocator(R, self.num_blocks, width, self.block_size, self.groups)
+        self.rows = np.zeros((self.groups, R + 1, width), np.int32)  # row R: padding (null block)
         self.slots = [Slot() for _ in range(R)]
         self.running: list[int] = []  # RUNNING slots in policy order
         self.waiting: list[int] = []  # WAITING and PREEMPTED slots in policy order

@@ -33,6 +33,7 @@ import numpy as np
 
 from symphony_jax.config import EngineConfig
 from symphony_jax.memory import block_table as bt
+from symphony_jax.memory import kv_cache
 from symphony_jax.memory.host_tier import HostTier, HostTierFull
 from symphony_jax.scheduler import admission, tiers
 from symphony_jax.scheduler import state as S
@@ -280,9 +281,6 @@ class SimNode:
         R = config.scheduler.slots
         self.block_size = config.cache.block_size
         self.block_bytes = config.model.kv_bytes_per_token() * self.block_size  # all layers
-        groups = config.layer_groups  # upper_layers[k]: layers of the upper k layer groups
-        self.upper_layers = [sum(g >= config.cache.num_layer_groups - k for g in groups)
-                             for k in range(config.cache.num_layer_groups + 1)]
         self.slot_request = np.full(R, -1, np.int64)
         self.slot_session = np.full(R, S.NO_SESSION, np.int64)
         self.host = HostTier(config.cache.num_host_blocks, self.block_bytes)
@@ -386,9 +384,10 @@ class SimNode:
         restoring = np.flatnonzero(out.restores)
         if not len(restoring):
             return
-        # Only the layers of the groups missing on the device move (a purge took the upper ones).
-        nbytes = sum(-(-int(out.host_tokens[s]) // self.block_size) * self.block_bytes
-                     * self.upper_layers[out.restore_groups[s]] // self.config.model.num_layers
+        # Only the groups missing on the device move: the upper ones (a purge took them).
+        G = self.config.cache.num_layer_groups
+        nbytes = sum(self._bytes_of(int(out.host_tokens[s]),
+                                    np.arange(G) >= G - out.restore_groups[s])
                      for s in restoring)
         for slot in restoring:
             self.host.touch(int(slot))
@@ -546,19 +545,24 @@ class SimNode:
         if not slots:
             return
         self.state, given = tiers.prefetch(self.state, self._slots(slots))
-        groups = self.config.layer_groups
         for slot, got in zip(slots, np.asarray(given)[:, :len(slots)].T):
             if not got.any():
                 continue
             self.to_prefetch.discard(slot)
             self.prefetching.add(slot)
             self.free_blocks -= need(slot) * int(got.sum())
-            layers = sum(bool(got[g]) for g in groups)
-            nbytes = 0 if instant else (need(slot) * self.block_bytes * layers
-                                        // self.config.model.num_layers)
+            nbytes = 0 if instant else self._bytes_of(int(self.stored[slot]), got)
             generation = self.generation[slot]
             self.launch(now, self.pcie, nbytes,
                         functools.partial(self._prefetched, slot, generation))
+
+    def _bytes_of(self, tokens: int, groups: np.ndarray) -> int:
+        """Bytes of the K,V of a sequence's first ``tokens`` tokens in the layers of ``groups``
+        (bool[G]), whole blocks."""
+        layers = sum(size for g, _, size in kv_cache.group_spans(self.config.layer_groups)
+                     if groups[g])
+        return (-(-tokens // self.block_size) * self.block_bytes * layers
+                // self.config.model.num_layers)
 
     def _blocks_to_prefetch(self, slot: int) -> int:
         """Blocks of the pool a slot's stored K,V takes in one layer group."""

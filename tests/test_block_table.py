@@ -96,7 +96,8 @@ def test_groups_share_the_pool_and_the_mask_touches_only_selected_groups():
     assert int(bt.num_free_blocks(table)) == NB - 3
     # What the upper group gave back serves another group.
     table, ok = bt.reserve(table, [1], [8], groups=np.array([False, False, True]))
-    assert np.asarray(ok).tolist() == [[False], [False], [True]] and rows(table, 2)[1] == [4, 3, 0, 0]
+    assert np.asarray(ok).tolist() == [[False], [False], [True]]
+    assert rows(table, 2)[1] == [4, 3, 0, 0]
 
 
 def test_a_request_is_granted_in_every_group_or_in_none():
@@ -172,6 +173,8 @@ def test_from_config_shapes():
     (lambda t: bt.free(t, [0], groups=[True, False]), r"groups must be bool\[1\]"),
     (lambda t: bt.reserve(t, [0], [1], max_new_blocks=0), "max_new_blocks=0"),
     (lambda t: bt.fork(t, [0], [1, 2]), "dst has length 2, expected 1"),
+    (lambda t: bt.reserve(t, [0], [[1], [1]]), r"num_new_tokens must be int\[B\] or int\[1, B\]"),
+    (lambda t: bt.reserve(t, [0, 1], [[1]]), "num_new_tokens has length 1, expected 2"),
     (lambda t: bt.adopt(bt.create(S, NB, MB, BS, num_groups=2), [0], [[1, 0, 0, 0]], [1]),
      "2 layer groups; sharing blocks between sequences needs one"),
 ])

@@ -263,10 +263,14 @@ def test_systems_and_configs_reject_bad_input(params):
         System("x", SYSTEMS["recompute"].policy, "nearest")
     with pytest.raises(ValueError, match="host tier"):
         System("x", SYSTEMS["recompute"].policy, "least_loaded", hints="migrate")
+    with pytest.raises(ValueError, match=r"layer_groups=0: expected an integer >= 1"):
+        System("x", SYSTEMS["recompute"].policy, "least_loaded", layer_groups=0)
     with pytest.raises(ValueError, match="num_nodes"):
         ClusterConfig(CONFIG, num_nodes=0)
     cluster = two_nodes(params, "recompute")
     with pytest.raises(ValueError, match="new_tokens"):
         cluster.submit(0, [999])
+    with pytest.raises(ValueError, match="where: session_id=-1"):
+        cluster.where(-1)
     with pytest.raises(ValueError, match="run: schedule"):
         run("not a schedule", "recompute", ClusterConfig(CONFIG), params)

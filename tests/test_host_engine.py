@@ -173,6 +173,8 @@ def test_a_purge_takes_the_upper_layer_group_and_the_next_turn_loads_it_back():
     assert engine.result(turn2).token_ids == expected
     assert counts_of(engine, turn2) == (1 + new, 0)
     assert engine.host.stats.restored == 1
+    upper_group_blocks = -(-(history - 1) // engine.config.cache.block_size)
+    assert engine.host.stats.blocks_in == upper_group_blocks  # the lower group stayed put
     check_blocks(engine)
 
 
@@ -197,6 +199,8 @@ def test_a_fill_brings_the_purged_group_back_before_the_next_turn():
     assert engine.result(turn2).token_ids == expected
     assert counts_of(engine, turn2) == (1 + new, 0)
     assert engine.host.stats.prefetched == 1 and engine.host.stats.restored == 0
+    upper_group_blocks = -(-(history - 1) // engine.config.cache.block_size)
+    assert engine.host.stats.blocks_in == upper_group_blocks  # the lower group stayed put
     check_blocks(engine)
 
 

@@ -6,7 +6,6 @@ table's ids, and a list-based LRU model of the host tier.
 """
 
 import dataclasses
-import functools
 import json
 
 import hypothesis.strategies as st
@@ -21,7 +20,7 @@ from symphony_jax.memory import block_table as bt
 from symphony_jax.memory import transfer
 from symphony_jax.memory.disk_tier import DiskTier, DiskTierError, manifest_text
 from symphony_jax.memory.host_tier import Entry, HostTier, HostTierFull
-from symphony_jax.memory.kv_cache import KVPool, group_spans, layer_rows
+from symphony_jax.memory.kv_cache import KVPool, group_spans
 
 DEVICE = jax.devices()[0]
 BS = 4  # block size
@@ -89,6 +88,8 @@ def reference_pages(pages: np.ndarray, block_ids, layer_groups, slot: int, first
 ])
 def test_offload_then_restore_into_other_blocks_is_bit_identical(groups, dtype, first,
                                                                  num_blocks, largest, runs):
+    """Chunks keep each layer group apart; the upper group comes back alone first (writing
+    nothing else), then the others."""
     config = engine_config(groups, dtype)
     layer_groups, tokens = config.layer_groups, (first + num_blocks) * BS - 1
     src_ids, dst_ids = table_with(config, 0, 5, tokens), table_with(config, 14, 3, tokens)
@@ -106,56 +107,54 @@ def test_offload_then_restore_into_other_blocks_is_bit_identical(groups, dtype, 
     chunks = out.wait()
     assert out.is_ready()
     for c in chunks:
+        assert c.first_group == 0 and c.pool_blocks == groups * c.num_blocks
         for name in ("k", "v"):
-            array = getattr(c, name)
-            assert array.sharding.memory_kind == "pinned_host" and array.dtype == dtype
+            arrays = getattr(c, name)
+            assert [a.shape[0] for a in arrays] == [size for _, _, size in
+                                                    group_spans(layer_groups)]
+            assert all(a.sharding.memory_kind == "pinned_host" and a.dtype == dtype
+                       for a in arrays)
             expected = reference_pages(src_pages[name], src_ids, layer_groups, 0,
                                        c.first_block, c.num_blocks)
-            np.testing.assert_array_equal(bits(array), bits(expected))
-
-    back = transfer.to_device(chunks, DEVICE)
-    back.wait()
-    assert back.is_ready()
-    assert all(c.k.sharding.memory_kind == "device" for c in back.chunks)
-    for c in back.chunks:
-        dst = transfer.scatter(dst, c.k, c.v, dst_ids, jnp.int32(0),
-                               jnp.int32(c.first_block), layer_groups=layer_groups)
+            np.testing.assert_array_equal(bits(np.concatenate(arrays)), bits(expected))
 
     restored_ids = np.asarray(dst_ids)[list(layer_groups), 0, columns]  # [L, n]
-    for name in ("k", "v"):
-        after = np.asarray(getattr(dst, name))
-        np.testing.assert_array_equal(
-            bits(reference_pages(after, dst_ids, layer_groups, 0, first, num_blocks)),
-            bits(reference_pages(src_pages[name], src_ids, layer_groups, 0, first, num_blocks)))
-        written = np.zeros(after.shape[:1] + after.shape[2:3], bool)  # [rows, NB]
-        for layer, ids in enumerate(restored_ids):
-            written[pool_row(layer_groups, layer), ids] = True
-        for row in range(after.shape[0]):  # every other (row, block) is untouched
-            np.testing.assert_array_equal(bits(after[row][:, ~written[row]]),
-                                          bits(dst_before[name][row][:, ~written[row]]))
+    for lowest in (groups - 1, 0):  # the upper group alone, then every group
+        back = transfer.to_device([c.groups(lowest, groups) for c in chunks], DEVICE)
+        back.wait()
+        assert all(a.sharding.memory_kind == "device" for c in back.chunks for a in c.k)
+        for c in back.chunks:
+            dst = transfer.write(dst, c, dst_ids, 0)
+        loaded = np.asarray(layer_groups) >= lowest  # bool[L]
+        written = np.zeros(dst.k.shape[:1] + dst.k.shape[2:3], bool)  # [rows, NB]
+        for layer in np.flatnonzero(loaded):
+            written[pool_row(layer_groups, layer), restored_ids[layer]] = True
+        for name in ("k", "v"):
+            after = np.asarray(getattr(dst, name))
+            got = reference_pages(after, dst_ids, layer_groups, 0, first, num_blocks)
+            want = reference_pages(src_pages[name], src_ids, layer_groups, 0, first,
+                                   num_blocks)
+            np.testing.assert_array_equal(bits(got[loaded]), bits(want[loaded]))
+            for row in range(after.shape[0]):  # every other (row, block) is untouched
+                np.testing.assert_array_equal(bits(after[row][:, ~written[row]]),
+                                              bits(dst_before[name][row][:, ~written[row]]))
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2 ** 31 - 1), layers=st.integers(1, 4), data=st.data(),
+@given(seed=st.integers(0, 2 ** 31 - 1), rows=st.integers(1, 4), data=st.data(),
        num_blocks=st.integers(1, 5))
-def test_both_ways_of_writing_blocks_match_numpy(seed, layers, data, num_blocks):
+def test_both_ways_of_writing_blocks_match_numpy(seed, rows, data, num_blocks):
     """``scatter`` runs ``_put_by_slices`` on CPU and ``_put_by_scatter`` elsewhere: both are
-    checked here, on CPU, against numpy's indexed assignment (each layer group its own block
-    ids, each layer its row of them)."""
-    groups = data.draw(st.integers(1, layers))
-    layer_groups = tuple(layer * groups // layers for layer in range(layers))
-    rows = max(layer_groups.count(g) for g in range(groups))
+    checked here, on CPU, against numpy's indexed assignment (a layer group of ``layers``
+    layers into the first rows of its blocks)."""
+    layers = data.draw(st.integers(1, rows))
     rng = np.random.default_rng(seed)
     pages = rng.standard_normal((rows, 2, 20, BS, 3)).astype(np.float32)
     new = rng.standard_normal((layers, 2, num_blocks, BS, 3)).astype(np.float32)
-    group_ids = rng.permutation(20)[:groups * num_blocks].reshape(groups, num_blocks)
-    ids = group_ids[list(layer_groups)].astype(np.int32)  # [L, n]
+    ids = rng.permutation(20)[:num_blocks].astype(np.int32)
     expected = pages.copy()
-    for layer in range(layers):
-        expected[pool_row(layer_groups, layer)][:, ids[layer]] = new[layer]
-    for put in (functools.partial(transfer._put_by_slices, rows=layer_rows(layer_groups)),
-                functools.partial(transfer._put_by_scatter,
-                                  spans=group_spans(layer_groups))):
+    expected[:layers, :, ids] = new
+    for put in (transfer._put_by_slices, transfer._put_by_scatter):
         np.testing.assert_array_equal(np.asarray(jax.jit(put)(pages, ids, new)), expected)
 
 
@@ -306,11 +305,13 @@ def test_host_tier_replaces_a_trailing_partial_block():
 
 
 def host_entry(seed: int = 0) -> Entry:
-    """Chunks of 4, 2 and 1 blocks in pinned host memory, float32 and bfloat16."""
+    """Chunks of 4, 2 and 1 blocks in pinned host memory, float32 and bfloat16, each of two
+    layer groups (of 2 layers and 1)."""
     rng, sharding = np.random.default_rng(seed), transfer.host_sharding(DEVICE)
-    page = lambda n, dtype: jax.device_put(
-        jnp.asarray(rng.standard_normal((2, 2, n, BS, 8), np.float32), dtype), sharding)
-    chunks = [transfer.Chunk(first, page(n, dtype), page(n, dtype))
+    page = lambda layers, n, dtype: jax.device_put(
+        jnp.asarray(rng.standard_normal((layers, 2, n, BS, 8), np.float32), dtype), sharding)
+    group_pages = lambda n, dtype: tuple(page(layers, n, dtype) for layers in (2, 1))
+    chunks = [transfer.Chunk(first, group_pages(n, dtype), group_pages(n, dtype))
               for first, n, dtype in ((0, 4, jnp.float32), (4, 2, jnp.bfloat16),
                                       (6, 1, jnp.bfloat16))]
     return Entry(chunks, 7 * BS - 2)
@@ -318,13 +319,14 @@ def host_entry(seed: int = 0) -> Entry:
 
 def assert_same_entry(loaded: Entry, saved: Entry) -> None:
     assert loaded.tokens == saved.tokens
-    assert [c.first_block for c in loaded.chunks] == [c.first_block for c in saved.chunks]
+    assert ([(c.first_block, c.first_group) for c in loaded.chunks]
+            == [(c.first_block, c.first_group) for c in saved.chunks])
     for got, want in zip(loaded.chunks, saved.chunks, strict=True):
         for name in ("k", "v"):
-            a, b = getattr(got, name), getattr(want, name)
-            assert a.sharding.memory_kind == "pinned_host"
-            assert (a.shape, a.dtype) == (b.shape, b.dtype)
-            np.testing.assert_array_equal(bits(a), bits(b))
+            for a, b in zip(getattr(got, name), getattr(want, name), strict=True):
+                assert a.sharding.memory_kind == "pinned_host"
+                assert (a.shape, a.dtype) == (b.shape, b.dtype)
+                np.testing.assert_array_equal(bits(a), bits(b))
 
 
 def test_disk_tier_round_trip_into_pinned_host(tmp_path):
@@ -408,11 +410,14 @@ DAMAGES = {
                       "edited or corrupt"),
     "edited first block": (edit_manifest(lambda m: m["chunks"][1].update(first_block=5),
                                          keep_checksum=False), "edited or corrupt"),
-    "array checksum differs": (edit_manifest(lambda m: m["chunks"][1]["k"].update(crc32=1),
-                                             keep_checksum=True), "chunk 1 k has crc32"),
+    "array checksum differs": (edit_manifest(
+        lambda m: m["chunks"][1]["k"][0].update(crc32=1), keep_checksum=True),
+        "chunk 1 k[0] has crc32"),
     "array shape differs": (edit_manifest(
-        lambda m: m["chunks"][0]["v"].update(shape=[2, 2, 3, BS, 8]), keep_checksum=True),
-        "chunk 0 v is"),
+        lambda m: m["chunks"][0]["v"][1].update(shape=[1, 2, 3, BS, 8]), keep_checksum=True),
+        "chunk 0 v[1] is"),
+    "a layer group missing": (edit_manifest(lambda m: m["chunks"][2]["v"].pop(),
+                                            keep_checksum=True), "chunk 2 v has 2 layer groups"),
 }
 
 

@@ -106,8 +106,7 @@ def bench_size(s: Setup, n: int, pool: KVPool, block_ids, device) -> tuple[dict,
 
     def scatter(chunks):
         for c in chunks:
-            state["pool"] = transfer.scatter(state["pool"], c.k, c.v, block_ids, jnp.int32(0),
-                                             jnp.int32(c.first_block), layer_groups=layer_groups)
+            state["pool"] = transfer.write(state["pool"], c, block_ids, 0)
         return state["pool"]
 
     copies = {

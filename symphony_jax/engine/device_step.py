@@ -61,18 +61,19 @@ REQUEST, CACHED, COMPUTED, RECOMPUTED = range(4)  # rows of StepOutputs.counters
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Restores:
-    """Host chunks (``transfer.Chunk``) that a step loads layer by layer as it runs: chunk i
-    goes to ``slots[i]``'s blocks from table column ``first_blocks[i]`` on."""
+    """One layer group of host chunks (``transfer.Chunk``) that a step loads layer by layer as
+    it runs: chunk i goes to ``slots[i]``'s blocks of the group from table column
+    ``first_blocks[i]`` on."""
 
-    k: tuple[jax.Array, ...]  # each [L, KVH, n_i, BS, D], host memory
+    k: tuple[jax.Array, ...]  # each [P_g, KVH, n_i, BS, D], host memory
     v: tuple[jax.Array, ...]
     slots: jax.Array  # i32[C]
     first_blocks: jax.Array  # i32[C]
 
-    def loads(self, block_ids: jax.Array, layer_groups: tuple[int, ...]) -> llama.BlockLoads:
-        ids = [transfer.layer_block_ids(block_ids, self.slots[i], self.first_blocks[i],
-                                        k.shape[2], layer_groups) for i, k in enumerate(self.k)]
-        return llama.BlockLoads(self.k, self.v, jnp.concatenate(ids, axis=1))
+    def loads(self, block_ids: jax.Array, group: int) -> llama.BlockLoads:
+        ids = [transfer.group_block_ids(block_ids, group, self.slots[i], self.first_blocks[i],
+                                        k.shape[2]) for i, k in enumerate(self.k)]
+        return llama.BlockLoads(self.k, self.v, jnp.concatenate(ids))
 
 
 def _keys(tokens: jax.Array, lengths: jax.Array, blocks) -> jax.Array:
@@ -100,7 +101,7 @@ def schedule(scheduler: S.SchedulerState, now, *, limits, policy: Policy, record
     """``scheduler.step.schedule``, with what the host reads packed for one read: ``counts``
     = (sequences, tokens, decode only, free blocks after the step's reservations); when K,V
     moves to and from a host tier (``policy.uses_host``) each slot's cached tokens before the
-    step, ``plan.offloads`` and ``plan.restores`` (``3R`` more); with ``record``, each slot's
+    step, ``plan.offloads`` and ``plan.restore_groups`` (``3R`` more); with ``record``, each slot's
     query and context lengths (``2R`` more, last). When K,V moves, also returns the block ids
     before the step (``i32[G, R, MB]``): an offloaded slot's blocks are read from them."""
     tokens, block_ids = scheduler.cached_tokens, scheduler.blocks.block_ids
@@ -108,7 +109,7 @@ def schedule(scheduler: S.SchedulerState, now, *, limits, policy: Policy, record
     counts = [jnp.stack([plan.num_seqs, plan.num_tokens, plan.decode_only.astype(i32),
                          scheduler.blocks.free_top])]
     if policy.uses_host:
-        counts += [tokens, plan.offloads.astype(i32), plan.restores.astype(i32)]
+        counts += [tokens, plan.offloads.astype(i32), plan.restore_groups]
     if record:  # the context a step's query attends to: its reservation covers the query
         counts += [plan.query_lens, scheduler.cached_tokens - plan.query_lens]
     return scheduler, plan, jnp.concatenate(counts), block_ids if policy.uses_host else None
@@ -117,17 +118,18 @@ def schedule(scheduler: S.SchedulerState, now, *, limits, policy: Policy, record
 @functools.partial(jax.jit, donate_argnames="device", static_argnames=(
     "num_seqs", "num_tokens", "decode", "config", "policy", "impl"))
 def run(device: DeviceState, params: LlamaParams, plan: scheduler_step.StepPlan, now,
-        restores: Restores | None = None, *, num_seqs: int, num_tokens: int, decode: bool,
+        restores: tuple[Restores | None, ...] | None = None, *, num_seqs: int, num_tokens: int, decode: bool,
         config: EngineConfig, policy: Policy, impl: str) -> tuple[DeviceState, StepOutputs]:
     """Run the planned step in a batch of ``num_seqs`` sequences and ``num_tokens`` tokens
     (buckets at least the plan's counts; ``decode``: every sequence runs one token), loading
-    ``restores`` into their blocks layer by layer."""
+    ``restores`` (each layer group's, or None) into their blocks layer by layer."""
     scheduler = device.scheduler
     R = scheduler.num_slots
     layout = batch.layout(scheduler.blocks, plan, num_seqs, num_tokens)
     ids = device.tokens.at[layout.token_slots, layout.positions].get(mode="fill", fill_value=0)
-    loads = (None if restores is None
-             else restores.loads(scheduler.blocks.block_ids, config.layer_groups))
+    loads = None if restores is None else tuple(
+        None if r is None else r.loads(scheduler.blocks.block_ids, g)
+        for g, r in enumerate(restores))
     logits, pool = llama.forward(params, device.pool, ids, layout, config=config.model,
                                  layer_groups=config.layer_groups, decode=decode, impl=impl,
                                  loads=loads)

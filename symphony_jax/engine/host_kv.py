@@ -4,8 +4,10 @@ Each step, after ``schedule``, the engine hands ``dispatch`` what the plan says:
 by swap (``offloads``) are copied to the host tier; slots holding a session under retention
 ``host`` have their new full blocks written back (and, once idle, their last partial block),
 so the host copy stays current and dropping the device copy later costs nothing; restored
-slots (``restores``) get their chunks back — loaded layer by layer by the step itself with
-``layerwise_loading``, else copied to the device now and scattered into the pool once there.
+slots (``restore_groups``) get the layer groups they miss back (all of them, or the upper ones a
+purge took) — loaded layer by layer by the step itself with ``layerwise_loading``, else copied
+to the device now and scattered into the pool once there. Host chunks keep each layer group's
+arrays apart, so only missing groups cross to the device.
 Every copy is dispatched at once and never waited for; ``poll``, at the start of each step,
 turns the completed ones into the scheduler's ``tiers`` transitions. A step therefore waits only
 for the chunks it loads itself.
@@ -55,8 +57,8 @@ class HostStats:
     migrated_out: int = 0  # idle sessions' K,V copied to another node
     migrated_in: int = 0  # and received from one
     prefetched: int = 0  # idle sessions' K,V copied from the host tier into free blocks
-    blocks_out: int = 0  # blocks copied device -> host
-    blocks_in: int = 0  # blocks copied host -> device
+    blocks_out: int = 0  # pool blocks (one layer group's layers) copied device -> host
+    blocks_in: int = 0  # and host -> device
 
 
 @dataclasses.dataclass
@@ -66,6 +68,14 @@ class _Copy:
     tokens: int  # tokens the host tier holds once it completes
     transfer: transfer.Transfer
     migrated: bool = False  # from another node: prefetched into free blocks once stored
+
+
+def _restores(group: list[tuple]) -> Restores | None:
+    """One layer group's ``(k, v, slot, first block)`` chunks as the step's ``Restores``."""
+    if not group:
+        return None
+    k, v, slots, first_blocks = zip(*group)
+    return Restores(k, v, jnp.asarray(slots, jnp.int32), jnp.asarray(first_blocks, jnp.int32))
 
 
 class HostKV:
@@ -80,6 +90,7 @@ class HostKV:
         self.config, self.policy, self.device = config, policy, device
         self.sessions, self.disk = sessions, disk
         self.block_size = cache.block_size
+        self.num_groups = cache.num_layer_groups
         self.largest = 1 << (config.max_blocks_per_seq.bit_length() - 1)  # longest chunk
         R = config.scheduler.slots
         self.generation = np.zeros(R, np.int64)
@@ -154,9 +165,7 @@ class HostKV:
         for slot in loaded:
             self.prefetching.discard(slot)
             for chunk in self.loading.pop(slot).transfer.chunks:
-                pool = transfer.scatter(pool, chunk.k, chunk.v, table, jnp.int32(slot),
-                                        jnp.int32(chunk.first_block),
-                                        layer_groups=self.config.layer_groups)
+                pool = transfer.write(pool, chunk, table, slot)
         scheduler = device.scheduler
         if self._stored:
             slots, tokens = zip(*self._stored)
@@ -170,14 +179,15 @@ class HostKV:
         return dataclasses.replace(device, scheduler=scheduler, pool=pool)
 
     def dispatch(self, device: DeviceState, block_ids_before, tokens_before: np.ndarray,
-                 offloads: np.ndarray, restores: np.ndarray, sessions: np.ndarray,
-                 idle: np.ndarray) -> Restores | None:
+                 offloads: np.ndarray, restore_groups: np.ndarray, sessions: np.ndarray,
+                 idle: np.ndarray) -> tuple[Restores | None, ...] | None:
         """Start the copies a schedule asks for (see the module doc). ``tokens_before``,
-        ``block_ids_before``: each slot's cached tokens and block ids before it; ``sessions``:
+        ``block_ids_before``: each slot's cached tokens and block ids before it;
+        ``restore_groups``: the upper layer groups each slot restores (0: none); ``sessions``:
         slots holding a session's sequence (written back under retention ``host``);
-        ``idle``: of which those with no request running. Returns the chunks the next step
-        loads layer by layer, if any."""
-        restoring = [int(s) for s in np.flatnonzero(restores)]
+        ``idle``: of which those with no request running. Returns each layer group's chunks
+        that the next step loads layer by layer, if any."""
+        restoring = {int(s): int(restore_groups[s]) for s in np.flatnonzero(restore_groups)}
         loads = self._restore(device, restoring)
         protect = set(restoring) | set(self.loading)
         for slot in np.flatnonzero(offloads):
@@ -198,51 +208,55 @@ class HostKV:
             return (jnp.asarray(batch.padded(slots, R, R)),)
         return jnp.asarray(batch.padded(slots, R, R)), jnp.asarray(batch.padded(values, R, 0))
 
-    def _stored_chunks(self, slot: int) -> tuple[transfer.Chunk, ...]:
-        """The host chunks holding ``slot``'s stored tokens (it is stored, and protected)."""
+    def _stored_chunks(self, slot: int, groups: range) -> tuple[transfer.Chunk, ...]:
+        """Layer ``groups`` of the host chunks holding ``slot``'s stored tokens (it is stored,
+        and protected), to be copied to the device."""
         entry = self.tier.get(slot)
         need = -(-int(self.stored_tokens[slot]) // self.block_size)
-        mine = tuple(c for c in entry.chunks if c.first_block < need)
+        mine = tuple(c.groups(groups.start, groups.stop) for c in entry.chunks
+                     if c.first_block < need)
         self.tier.touch(slot)
-        self.stats.blocks_in += sum(c.num_blocks for c in mine)
+        self.stats.blocks_in += sum(c.pool_blocks for c in mine)
         return mine
 
     def _load(self, slot: int, chunks: tuple[transfer.Chunk, ...]) -> None:
         self.loading[slot] = _Copy(slot, int(self.generation[slot]), 0,
                                    transfer.to_device(chunks, self.device))
 
-    def _restore(self, device: DeviceState, slots: list[int]) -> Restores | None:
-        chunks, owners = [], []
-        for slot in slots:
-            mine = self._stored_chunks(slot)
+    def _restore(self, device: DeviceState,
+                 slots: dict[int, int]) -> tuple[Restores | None, ...] | None:
+        """Start restoring the upper ``slots[slot]`` layer groups of each slot: copied now, or
+        returned by group for the step to load (``layerwise_loading``)."""
+        by_group = [[] for _ in range(self.num_groups)]  # (k, v, slot, first block)
+        for slot, missing in slots.items():
+            mine = self._stored_chunks(slot, range(self.num_groups - missing, self.num_groups))
             self.stats.restored += 1
-            if self.policy.layerwise_loading:
-                chunks += mine
-                owners += [slot] * len(mine)
-            else:
+            if not self.policy.layerwise_loading:
                 self._load(slot, mine)
-        if not chunks:
+                continue
+            for c in mine:
+                for i, (k, v) in enumerate(zip(c.k, c.v)):
+                    by_group[c.first_group + i].append((k, v, slot, c.first_block))
+        if not any(by_group):
             return None
-        return Restores(tuple(c.k for c in chunks), tuple(c.v for c in chunks),
-                        jnp.asarray(owners, jnp.int32),
-                        jnp.asarray([c.first_block for c in chunks], jnp.int32))
+        return tuple(_restores(group) for group in by_group)
 
     def _prefetch(self, scheduler, free_blocks: int):
         """Give free blocks to the sessions to prefetch (``tiers.prefetch``: lower layer groups
-        first, in slot order while they fit) and start copying their K,V in. (The whole copy is
-        scattered into the slot's blocks: groups given none write to the null block, and
-        resident ones get the bytes they hold.)"""
+        first, in slot order while they fit) and start copying the groups given in."""
         group_need = lambda slot: -(-int(self.stored_tokens[slot]) // self.block_size)
         slots = [s for s in sorted(self.to_prefetch) if group_need(s) <= free_blocks]
         if not slots:
             return scheduler
         scheduler, given = tiers.prefetch(scheduler, self._padded(slots)[0])
-        for slot, ok in zip(slots, np.asarray(given).any(axis=0)):
-            if ok:
+        for slot, groups in zip(slots, np.asarray(given).T):
+            if groups.any():  # a run of groups: from the first missing one while they fit
                 self.to_prefetch.discard(slot)
                 self.prefetching.add(slot)
                 self.stats.prefetched += 1
-                self._load(slot, self._stored_chunks(slot))
+                given_groups = np.flatnonzero(groups)
+                self._load(slot, self._stored_chunks(
+                    slot, range(given_groups[0], given_groups[-1] + 1)))
         return scheduler
 
     # ------------------------------------------------------------ migration
@@ -298,7 +312,7 @@ class HostKV:
             return 0
         self.offloading.append(_Copy(slot, int(self.generation[slot]), covered,
                                      transfer.Transfer(chunks)))
-        self.stats.blocks_out += sum(c.num_blocks for c in chunks)
+        self.stats.blocks_out += sum(c.pool_blocks for c in chunks)
         return 1
 
     def _store(self, slot: int, chunks, tokens: int, protect: set) -> bool:

@@ -4,11 +4,11 @@ An entry is a host tier ``Entry`` (its chunks, ``transfer.Chunk``, and the token
 stored under ``directory/<key>/``, the key an integer of the owner's choice:
 
 - ``arrays/``: an orbax checkpoint (``StandardCheckpointer``) of the list of chunks' arrays,
-  ``[{"k": k, "v": v}, ...]`` in column order;
+  ``[{"k": [k of each layer group], "v": [...]}, ...]`` in column order;
 - ``manifest.json``: ``{"crc32", "manifest"}``, the manifest
-  ``{"format", "tokens", "chunks": [{"first_block", "k", "v"}], "files"}`` (each array
-  described by its ``shape``, ``dtype`` and the ``crc32`` of its bytes; each file of
-  ``arrays/`` by its size and ``crc32``) and the CRC-32 of its canonical JSON.
+  ``{"format", "tokens", "chunks": [{"first_block", "first_group", "k", "v"}], "files"}``
+  (each array described by its ``shape``, ``dtype`` and the ``crc32`` of its bytes; each file
+  of ``arrays/`` by its size and ``crc32``) and the CRC-32 of its canonical JSON.
 
 Guarantees:
 
@@ -42,7 +42,7 @@ import orbax.checkpoint as ocp
 from symphony_jax.memory.host_tier import Entry
 from symphony_jax.memory.transfer import Chunk, host_sharding
 
-FORMAT = 1
+FORMAT = 2  # 2: a chunk's arrays by layer group
 MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 TEMPORARY_PREFIXES = (".tmp-", ".old-")
@@ -82,7 +82,8 @@ def check_files(directory: pathlib.Path, records: dict[str, dict]) -> None:
 
 
 def manifest_of(entry: Entry, arrays: pathlib.Path) -> dict:
-    chunks = [{"first_block": c.first_block, "k": describe(c.k), "v": describe(c.v)}
+    chunks = [{"first_block": c.first_block, "first_group": c.first_group,
+               "k": [describe(a) for a in c.k], "v": [describe(a) for a in c.v]}
               for c in entry.chunks]
     return {"format": FORMAT, "tokens": entry.tokens, "chunks": chunks,
             "files": file_records(arrays)}
@@ -118,8 +119,8 @@ def read_manifest(path: pathlib.Path) -> dict:
 def abstract_arrays(manifest: dict, device) -> list[dict]:
     """The restore target: the manifest's arrays in ``device``'s pinned host memory."""
     sharding = host_sharding(device)
-    return [{name: jax.ShapeDtypeStruct(tuple(chunk[name]["shape"]),
-                                        np.dtype(chunk[name]["dtype"]), sharding=sharding)
+    return [{name: [jax.ShapeDtypeStruct(tuple(a["shape"]), np.dtype(a["dtype"]),
+                                         sharding=sharding) for a in chunk[name]]
              for name in ("k", "v")} for chunk in manifest["chunks"]]
 
 
@@ -133,15 +134,18 @@ def check_arrays(arrays: list[dict], manifest: dict, where: pathlib.Path,
                             f"{len(manifest['chunks'])}")
     for i, (chunk, stored) in enumerate(zip(manifest["chunks"], arrays)):
         for name in ("k", "v"):
-            expected, array = chunk[name], stored[name]
-            found = {"shape": list(array.shape), "dtype": str(array.dtype)}
-            if found != {"shape": expected["shape"], "dtype": expected["dtype"]}:
-                raise DiskTierError(f"{where}: chunk {i} {name} is {found}, expected the "
-                                    f"manifest's shape {expected['shape']} and dtype "
-                                    f"{expected['dtype']}")
-            if contents and checksum(array) != expected["crc32"]:
-                raise DiskTierError(f"{where}: chunk {i} {name} has crc32 {checksum(array)}, "
-                                    f"expected the manifest's {expected['crc32']} (corrupt)")
+            if len(stored[name]) != len(chunk[name]):
+                raise DiskTierError(f"{where}: chunk {i} {name} has {len(stored[name])} layer "
+                                    f"groups, expected the manifest's {len(chunk[name])}")
+            for g, (expected, array) in enumerate(zip(chunk[name], stored[name])):
+                what = f"{where}: chunk {i} {name}[{g}]"
+                found = {"shape": list(array.shape), "dtype": str(array.dtype)}
+                if found != {"shape": expected["shape"], "dtype": expected["dtype"]}:
+                    raise DiskTierError(f"{what} is {found}, expected the manifest's shape "
+                                        f"{expected['shape']} and dtype {expected['dtype']}")
+                if contents and checksum(array) != expected["crc32"]:
+                    raise DiskTierError(f"{what} has crc32 {checksum(array)}, expected the "
+                                        f"manifest's {expected['crc32']} (corrupt)")
 
 
 def restore(where: pathlib.Path, manifest: dict, device) -> list[dict]:
@@ -200,7 +204,8 @@ class DiskTier:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(temporary / ARRAYS, [{"k": c.k, "v": c.v} for c in entry.chunks])
+            checkpointer.save(temporary / ARRAYS, [{"k": list(c.k), "v": list(c.v)}
+                                                   for c in entry.chunks])
             checkpointer.wait_until_finished()
         (temporary / MANIFEST).write_text(manifest_text(manifest_of(entry, temporary / ARRAYS)))
         if final.exists():
@@ -216,8 +221,8 @@ class DiskTier:
         manifest = read_manifest(where / MANIFEST)
         check_files(where / ARRAYS, manifest["files"])
         arrays = restore(where / ARRAYS, manifest, device)
-        chunks = [Chunk(int(c["first_block"]), a["k"], a["v"])
-                  for c, a in zip(manifest["chunks"], arrays)]
+        chunks = [Chunk(int(c["first_block"]), tuple(a["k"]), tuple(a["v"]),
+                        int(c["first_group"])) for c, a in zip(manifest["chunks"], arrays)]
         return Entry(chunks, int(manifest["tokens"]))
 
     def drop(self, key: int) -> bool:

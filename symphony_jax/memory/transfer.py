@@ -1,16 +1,19 @@
 """Copying K,V blocks between a device's pool and its host memory, asynchronously.
 
-A *chunk* is a run of consecutive table columns of one sequence slot, copied out of the pool:
-``k, v: [L, KVH, n, BS, D]``, every layer's (each layer group's rows of its own blocks, in layer
-order; ``kv_cache``). The layer axis leads, so a chunk can be loaded layer by layer (a
-scan over axis 0, ``llama.forward``'s ``loads``), and ``n`` is a power of two so that the copies
+A *chunk* is a run of consecutive table columns of one sequence slot, copied out of the pool,
+one pair of arrays per layer group: ``k[i], v[i]: [P_g, KVH, n, BS, D]``, the layers of group
+``g = first_group + i`` in order (the rows of its own blocks; ``kv_cache``). Keeping groups apart
+lets a copy carry only the groups a device misses (SYMPHONY purges upper groups, and restores
+or fills only those). The layer axis leads, so a group can be loaded layer by layer (a scan
+over axis 0, ``llama.forward``'s ``loads``), and ``n`` is a power of two so that the copies
 compile for few shapes (``split`` cuts a run of blocks into such pieces, so nothing is padded).
 
 - ``offload`` gathers the blocks in one jitted function whose output lives in the device's
   ``pinned_host`` memory (no donation: the pool stays live) and returns at once; the chunk's
   arrays are ready when the copy is complete (``Transfer.is_ready``).
-- ``to_device`` ``device_put``s a chunk back to device memory, also at once; ``scatter`` then
-  writes it into the donated pool at the slot's blocks.
+- ``to_device`` ``device_put``s chunks (or some of their groups, ``Chunk.groups``) back to
+  device memory, also at once; ``scatter`` then writes one into the donated pool at the slot's
+  blocks.
 
 Ordering: a device runs what is dispatched to it in order, and a donated pool is reused only
 after the work reading it is done, so an offload dispatched before the step that overwrites its
@@ -27,32 +30,47 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from symphony_jax.memory.kv_cache import KVPool, group_spans, layer_rows
+from symphony_jax.memory.kv_cache import KVPool, group_spans
 
 i32 = jnp.int32
 
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """Blocks ``[first_block, first_block + num_blocks)`` of a sequence, in some memory."""
+    """Blocks ``[first_block, first_block + num_blocks)`` of a sequence, in some memory: layer
+    groups ``first_group...`` of them, one array each."""
 
     first_block: int
-    k: jax.Array  # [L, KVH, n, BS, D]
-    v: jax.Array  # [L, KVH, n, BS, D]
+    k: tuple[jax.Array, ...]  # each [P_g, KVH, n, BS, D]
+    v: tuple[jax.Array, ...]
+    first_group: int = 0
 
     @property
     def num_blocks(self) -> int:
-        return self.k.shape[2]
+        """Table columns (each group's ``num_blocks`` pool blocks)."""
+        return self.k[0].shape[2]
+
+    @property
+    def pool_blocks(self) -> int:
+        """Pool blocks, one group's layers each."""
+        return self.num_blocks * len(self.k)
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(a.nbytes for a in (*self.k, *self.v))
 
     def is_ready(self) -> bool:
-        return self.k.is_ready() and self.v.is_ready()
+        return all(a.is_ready() for a in (*self.k, *self.v))
+
+    def groups(self, start: int, stop: int) -> Chunk:
+        """The same blocks, layer groups ``[start, stop)`` only."""
+        if not self.first_group <= start < stop <= self.first_group + len(self.k):
+            raise ValueError(f"Chunk.groups({start}, {stop}): the chunk holds groups "
+                             f"[{self.first_group}, {self.first_group + len(self.k)})")
+        cut = slice(start - self.first_group, stop - self.first_group)
+        return Chunk(self.first_block, self.k[cut], self.v[cut], start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +108,10 @@ def device_sharding(device) -> SingleDeviceSharding:
     return SingleDeviceSharding(device, memory_kind="device")
 
 
-def layer_block_ids(block_ids: jax.Array, slot, first_block, num_blocks: int,
-                    layer_groups: tuple[int, ...]) -> jax.Array:
-    """i32[L, n]: the slot's blocks ``first_block...`` in each layer's group table."""
-    rows = block_ids[jnp.asarray(np.asarray(layer_groups, np.int32)), slot]  # [L, MB]
-    return jax.lax.dynamic_slice_in_dim(rows, first_block, num_blocks, axis=1)
+def group_block_ids(block_ids: jax.Array, group: int, slot, first_block,
+                    num_blocks: int) -> jax.Array:
+    """i32[n]: the slot's blocks ``first_block...`` in ``group``'s table."""
+    return jax.lax.dynamic_slice_in_dim(block_ids[group, slot], first_block, num_blocks)
 
 
 @functools.cache
@@ -103,15 +120,14 @@ def _gather_to(sharding: SingleDeviceSharding):
         def take(pages):  # each group's layers, from the pool's first rows of its blocks
             # "clip": XLA:CPU's gather runs about 4x faster than with the default out-of-bounds
             # fill
-            return jnp.concatenate([jnp.take(
-                pages[:size], jax.lax.dynamic_slice_in_dim(block_ids[g, slot], first_block,
-                                                           num_blocks), axis=2, mode="clip")
-                for g, _, size in group_spans(layer_groups)])
+            return tuple(jnp.take(pages[:size], group_block_ids(block_ids, g, slot, first_block,
+                                                                num_blocks), axis=2, mode="clip")
+                         for g, _, size in group_spans(layer_groups))
 
         return take(pool.k), take(pool.v)
 
     return jax.jit(gather, static_argnames=("num_blocks", "layer_groups"),
-                   out_shardings=(sharding, sharding))
+                   out_shardings=sharding)
 
 
 def offload(pool: KVPool, block_ids: jax.Array, slot: int, first_block: int, num_blocks: int,
@@ -133,43 +149,48 @@ def offload(pool: KVPool, block_ids: jax.Array, slot: int, first_block: int, num
 def to_device(chunks: tuple[Chunk, ...], device) -> Transfer:
     """Start copying host ``chunks`` to ``device``'s memory."""
     sharding = device_sharding(device)
-    return Transfer(tuple(Chunk(c.first_block, *jax.device_put((c.k, c.v), sharding))
-                          for c in chunks))
+    return Transfer(tuple(Chunk(c.first_block, *jax.device_put((c.k, c.v), sharding),
+                                c.first_group) for c in chunks))
 
 
-@functools.partial(jax.jit, donate_argnames="pool", static_argnames="layer_groups")
-def scatter(pool: KVPool, k: jax.Array, v: jax.Array, block_ids: jax.Array, slot, first_block,
-            *, layer_groups: tuple[int, ...]) -> KVPool:
-    """Write a device chunk ``k, v: [L, KVH, n, BS, D]`` into ``slot``'s blocks from column
-    ``first_block`` on (``block_ids``: the table's, after the blocks were reserved)."""
-    ids = layer_block_ids(block_ids, slot, first_block, k.shape[2], layer_groups)
-    by_slices = functools.partial(_put_by_slices, rows=layer_rows(layer_groups))
-    by_scatter = functools.partial(_put_by_scatter, spans=group_spans(layer_groups))
-    put = lambda pages, new: jax.lax.platform_dependent(pages, ids, new, cpu=by_slices,
-                                                        default=by_scatter)
+def write(pool: KVPool, chunk: Chunk, block_ids: jax.Array, slot: int) -> KVPool:
+    """``scatter`` a device ``chunk`` into ``slot``'s blocks."""
+    return scatter(pool, chunk.k, chunk.v, block_ids, jnp.int32(slot),
+                   jnp.int32(chunk.first_block), first_group=chunk.first_group)
+
+
+@functools.partial(jax.jit, donate_argnames="pool", static_argnames="first_group")
+def scatter(pool: KVPool, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...],
+            block_ids: jax.Array, slot, first_block, *, first_group: int = 0) -> KVPool:
+    """Write a device chunk's groups ``k[i], v[i]: [P_g, KVH, n, BS, D]`` (group
+    ``g = first_group + i``) into ``slot``'s blocks of each group from column ``first_block``
+    on (``block_ids``: the table's, after the blocks were reserved)."""
+    def put(pages, new):
+        for i, group_new in enumerate(new):
+            ids = group_block_ids(block_ids, first_group + i, slot, first_block,
+                                  group_new.shape[2])
+            pages = jax.lax.platform_dependent(pages, ids, group_new, cpu=_put_by_slices,
+                                               default=_put_by_scatter)
+        return pages
+
     return KVPool(put(pool.k, k), put(pool.v, v))
 
 
-def _put_by_scatter(pages: jax.Array, ids: jax.Array, new: jax.Array, *, spans) -> jax.Array:
-    """``pages: [P, KVH, NB, BS, D]`` with ``new: [L, KVH, n, BS, D]`` at blocks ``ids: [L, n]``
-    (each group's layers at the first rows of its blocks; ``spans``: ``group_spans``)."""
-    for _, first, size in spans:
-        pages = pages.at[:size, :, ids[first]].set(new[first:first + size])
-    return pages
+def _put_by_scatter(pages: jax.Array, ids: jax.Array, new: jax.Array) -> jax.Array:
+    """``pages: [P, KVH, NB, BS, D]`` with ``new: [P_g, KVH, n, BS, D]`` (one layer group's) at
+    the first ``P_g`` rows of blocks ``ids: i32[n]``."""
+    return pages.at[:new.shape[0], :, ids].set(new)
 
 
-def _put_by_slices(pages: jax.Array, ids: jax.Array, new: jax.Array, *, rows) -> jax.Array:
-    """``_put_by_scatter`` as a loop of in-place block updates, one layer's block at a time
-    (``rows``: each layer's pool row): XLA:CPU runs it about 2.5x faster than the scatter (a
-    GPU, many times slower)."""
-    num_blocks = ids.shape[1]
-    rows = jnp.asarray(np.asarray(rows, np.int32))
+def _put_by_slices(pages: jax.Array, ids: jax.Array, new: jax.Array) -> jax.Array:
+    """``_put_by_scatter`` as a loop of in-place block updates, one layer's block at a time:
+    XLA:CPU runs it about 2.5x faster than the scatter (a GPU, many times slower)."""
+    num_blocks = ids.shape[0]
 
     def put_block(i, pages):
-        layer, block = i // num_blocks, i % num_blocks
-        piece = jax.lax.dynamic_slice(new, (layer, 0, block, 0, 0),
+        row, block = i // num_blocks, i % num_blocks
+        piece = jax.lax.dynamic_slice(new, (row, 0, block, 0, 0),
                                       (1, new.shape[1], 1, *new.shape[3:]))
-        return jax.lax.dynamic_update_slice(pages, piece,
-                                            (rows[layer], 0, ids[layer, block], 0, 0))
+        return jax.lax.dynamic_update_slice(pages, piece, (row, 0, ids[block], 0, 0))
 
-    return jax.lax.fori_loop(0, ids.size, put_block, pages)
+    return jax.lax.fori_loop(0, new.shape[0] * num_blocks, put_block, pages)

@@ -3,9 +3,10 @@
 ``forward`` runs one step of a ragged batch — prompts, prefill chunks at any offset and decode
 tokens mixed — laid out by ``memory.layout.BatchLayout``. Each layer writes its new K and V into
 the pool through the slot mapping and attends through ``pallas_kernels`` over the pages of each
-sequence. Layers run in one ``lax.scan`` over the stacked parameters, carrying the stacked pools
-(updated in place when the pool is donated), so compile time does not grow with depth; each layer
-reads its layer group's block tables and slot mapping.
+sequence. Layers run in one ``lax.scan`` over the stacked parameters (one per layer group in a
+step that loads blocks from host memory), carrying the stacked pools (updated in place when the
+pool is donated), so compile time does not grow with depth; each layer reads its layer group's
+block tables and slot mapping.
 
 The blocks (norms, projections, rotary embedding, MLP) follow Hugging Face's ``LlamaForCausalLM``
 operation for operation, including where it casts, so that logits match it.
@@ -32,10 +33,9 @@ from symphony_jax.model.params import LayerParams, LlamaParams
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockLoads:
-    """K,V blocks in host memory that a step copies into the pool layer by layer (layer-wise
-    loading): chunk i is ``k[i], v[i]: [L, KVH, n_i, BS, D]``, its blocks going to
-    ``block_ids[:, offset_i : offset_i + n_i]`` (``i32[L, sum n_i]``, per layer: layer groups
-    have their own block ids)."""
+    """K,V blocks of one layer group in host memory that a step copies into the pool layer by
+    layer (layer-wise loading): chunk i is ``k[i], v[i]: [P_g, KVH, n_i, BS, D]``, its blocks
+    going to ``block_ids[offset_i : offset_i + n_i]`` (``i32[sum n_i]``) of the group."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -79,8 +79,8 @@ def logits(params: LlamaParams, x: jax.Array, config: ModelConfig) -> jax.Array:
     "config", "layer_groups", "decode", "all_logits", "impl"))
 def forward(params: LlamaParams, pool: KVPool, token_ids: jax.Array, layout: BatchLayout, *,
             config: ModelConfig, layer_groups: tuple[int, ...], decode: bool = False,
-            all_logits: bool = False, impl: str = "auto", loads: BlockLoads | None = None,
-            ) -> tuple[jax.Array, KVPool]:
+            all_logits: bool = False, impl: str = "auto",
+            loads: tuple[BlockLoads | None, ...] | None = None) -> tuple[jax.Array, KVPool]:
     """One step: token ids ``i32[T]`` laid out by ``layout``; returns float32 logits of each
     sequence's last token ``[B, V]`` (every token's ``[T, V]`` with ``all_logits``) and the
     pool with the step's K and V written. The pool is donated.
@@ -89,9 +89,10 @@ def forward(params: LlamaParams, pool: KVPool, token_ids: jax.Array, layout: Bat
     every sequence runs exactly one token at position ``context_len - 1`` and T == B (then the
     split-K decode kernel runs); otherwise the ragged prefill kernel does.
 
-    ``loads`` (host-memory blocks, e.g. a session's K,V restored as it runs) are copied to the
-    device inside the layer loop, each layer's before that layer writes and attends, so that
-    the copy of layer l + 1 can overlap the compute of layer l.
+    ``loads`` (host-memory blocks of each layer group, or None, e.g. a session's K,V restored
+    as it runs) are copied to the device inside the layer loop, each layer's before that layer
+    writes and attends, so that the copy of layer l + 1 can overlap the compute of layer l.
+    The loop then runs one scan per layer group, each with its group's loads.
     """
     if len(layer_groups) != config.num_layers:
         raise ValueError(f"forward: {len(layer_groups)} layer groups for {config.num_layers} "
@@ -99,19 +100,19 @@ def forward(params: LlamaParams, pool: KVPool, token_ids: jax.Array, layout: Bat
     groups = jnp.asarray(np.asarray(layer_groups, np.int32))
     rows = jnp.asarray(np.asarray(kv_cache.layer_rows(layer_groups), np.int32))
     scale = config.head_dim ** -0.5
-    x = params.embed[token_ids]
 
     def load(pages, row, chunks, block_ids):
         to_device = [jax.device_put(c, jax.memory.Space.Device) for c in chunks]
         return kv_cache.write_blocks(pages, row, jnp.concatenate(to_device, axis=1), block_ids)
 
-    def layer_step(carry, xs):
+    def layer_step(carry, xs, load_ids=None):
         x, k_pages, v_pages = carry
-        layer_params, index, layer_loads = xs
+        index, loaded_k, loaded_v = xs
+        layer_params = jax.tree.map(lambda a: a[index], params.layers)
         row = rows[index]
-        if layer_loads is not None:
-            k_pages = load(k_pages, row, layer_loads.k, layer_loads.block_ids)
-            v_pages = load(v_pages, row, layer_loads.v, layer_loads.block_ids)
+        if load_ids is not None:
+            k_pages = load(k_pages, row, loaded_k, load_ids)
+            v_pages = load(v_pages, row, loaded_v, load_ids)
         q, k, v = project_qkv(x, layer_params, layout.positions, config)
         group = groups[index]
         slots = layout.slot_mapping[group]
@@ -128,7 +129,16 @@ def forward(params: LlamaParams, pool: KVPool, token_ids: jax.Array, layout: Bat
                                                    sm_scale=scale, layer=row, impl=impl)
         return (finish_layer(x, attention, layer_params, config), k_pages, v_pages), None
 
-    (x, k_pages, v_pages), _ = jax.lax.scan(
-        layer_step, (x, pool.k, pool.v), (params.layers, jnp.arange(config.num_layers), loads))
+    spans = ([(0, config.num_layers, None)] if loads is None else
+             [(first, size, loads[g]) for g, first, size in kv_cache.group_spans(layer_groups)])
+    carry = (params.embed[token_ids], pool.k, pool.v)
+    for first, size, span_loads in spans:
+        indices = jnp.arange(first, first + size)
+        if span_loads is None:
+            carry, _ = jax.lax.scan(layer_step, carry, (indices, None, None))
+        else:
+            carry, _ = jax.lax.scan(functools.partial(layer_step, load_ids=span_loads.block_ids),
+                                    carry, (indices, span_loads.k, span_loads.v))
+    x, k_pages, v_pages = carry
     selected = x if all_logits else x[layout.logits_indices]
     return logits(params, selected, config), KVPool(k_pages, v_pages)

@@ -151,6 +151,13 @@ def _decode_run(state: S.SchedulerState, start, elapsed, steps, horizon, *, cost
     return jnp.where(ok.all(), run, jnp.argmin(ok)).astype(i32), dt
 
 
+def _when(pred: jax.Array, apply, carry):
+    """``apply(carry)`` if ``pred``, else ``carry``: a loop of zero or one round rather than
+    ``lax.cond``, whose branches XLA:CPU gives copies of the whole block table each time."""
+    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.bool_(False), apply(c[1])),
+                              (pred, carry))[1]
+
+
 @functools.partial(jax.jit, donate_argnames="state",
                    static_argnames=("limits", "policy", "cost", "max_steps", "decode_run"))
 def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, policy: Policy,
@@ -212,16 +219,14 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
             cached_before=state.cached_tokens + jnp.where(running, k - 1, 0),
             query_lens=running.astype(i32))
 
-    def steady_or_step(carry):
-        state, out = carry
-        k, dt = _decode_run(state, start, out.elapsed, out.steps, horizon, cost=cost,
-                            max_steps=max_steps, run=decode_run)
-        return jax.lax.cond(k > 0, functools.partial(jump, k=k, dt=dt), step, carry)
-
     def body(carry):
         if decode_run <= 1:
             return step(carry)
-        return jax.lax.cond(_steady(carry[0], limits), steady_or_step, step, carry)
+        k, dt = _decode_run(carry[0], start, carry[1].elapsed, carry[1].steps, horizon,
+                            cost=cost, max_steps=max_steps, run=decode_run)
+        k = jnp.where(_steady(carry[0], limits), k, 0)
+        carry = _when(k > 0, functools.partial(jump, k=k, dt=dt), carry)
+        return _when(k == 0, step, carry)
 
     def going(carry):
         state, out = carry

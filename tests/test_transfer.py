@@ -38,7 +38,8 @@ def bits(array) -> np.ndarray:
 
 def engine_config(groups: int, dtype: str) -> EngineConfig:
     return EngineConfig(dataclasses.replace(model_preset("tiny"), dtype=dtype),
-                        CacheConfig(block_size=BS, num_device_blocks=40 * groups, num_layer_groups=groups),
+                        CacheConfig(block_size=BS, num_device_blocks=40 * groups,
+                                    num_layer_groups=groups),
                         SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64,
                                         max_model_len=64, num_slots=3))
 

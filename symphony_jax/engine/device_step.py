@@ -118,8 +118,9 @@ def schedule(scheduler: S.SchedulerState, now, *, limits, policy: Policy, record
 @functools.partial(jax.jit, donate_argnames="device", static_argnames=(
     "num_seqs", "num_tokens", "decode", "config", "policy", "impl"))
 def run(device: DeviceState, params: LlamaParams, plan: scheduler_step.StepPlan, now,
-        restores: tuple[Restores | None, ...] | None = None, *, num_seqs: int, num_tokens: int, decode: bool,
-        config: EngineConfig, policy: Policy, impl: str) -> tuple[DeviceState, StepOutputs]:
+        restores: tuple[Restores | None, ...] | None = None, *, num_seqs: int,
+        num_tokens: int, decode: bool, config: EngineConfig, policy: Policy,
+        impl: str) -> tuple[DeviceState, StepOutputs]:
     """Run the planned step in a batch of ``num_seqs`` sequences and ``num_tokens`` tokens
     (buckets at least the plan's counts; ``decode``: every sequence runs one token), loading
     ``restores`` (each layer group's, or None) into their blocks layer by layer."""

@@ -208,11 +208,14 @@ class HostKV:
             return (jnp.asarray(batch.padded(slots, R, R)),)
         return jnp.asarray(batch.padded(slots, R, R)), jnp.asarray(batch.padded(values, R, 0))
 
+    def _stored_blocks(self, slot: int) -> int:
+        """Table columns of ``slot``'s stored tokens (one group's blocks)."""
+        return -(-int(self.stored_tokens[slot]) // self.block_size)
+
     def _stored_chunks(self, slot: int, groups: range) -> tuple[transfer.Chunk, ...]:
         """Layer ``groups`` of the host chunks holding ``slot``'s stored tokens (it is stored,
         and protected), to be copied to the device."""
-        entry = self.tier.get(slot)
-        need = -(-int(self.stored_tokens[slot]) // self.block_size)
+        entry, need = self.tier.get(slot), self._stored_blocks(slot)
         mine = tuple(c.groups(groups.start, groups.stop) for c in entry.chunks
                      if c.first_block < need)
         self.tier.touch(slot)
@@ -244,8 +247,7 @@ class HostKV:
     def _prefetch(self, scheduler, free_blocks: int):
         """Give free blocks to the sessions to prefetch (``tiers.prefetch``: lower layer groups
         first, in slot order while they fit) and start copying the groups given in."""
-        group_need = lambda slot: -(-int(self.stored_tokens[slot]) // self.block_size)
-        slots = [s for s in sorted(self.to_prefetch) if group_need(s) <= free_blocks]
+        slots = [s for s in sorted(self.to_prefetch) if self._stored_blocks(s) <= free_blocks]
         if not slots:
             return scheduler
         scheduler, given = tiers.prefetch(scheduler, self._padded(slots)[0])

@@ -61,8 +61,8 @@ class Stretch:
     copies: jax.Array  # bool[]     its last step copies K,V (to or from the host tier)
     idle: jax.Array  # bool[]       its last step ran nothing: wait for an event
     offloads: jax.Array  # bool[R]  of the last step: slots swapped out
-    restores: jax.Array  # bool[R]  and restored
-    restore_groups: jax.Array  # i32[R]  layer groups each restore brings (the upper ones)
+    restore_groups: jax.Array  # i32[R]  and the layer groups each restored slot brings back
+    #                                    (the upper ones; 0: not restored)
     cached_before: jax.Array  # i32[R] each slot's cached tokens before the last step
     query_lens: jax.Array  # i32[R]  and the tokens each computed in it
     # After the stretch (read with it):
@@ -77,7 +77,7 @@ class Stretch:
         """Nothing run yet (numpy arrays)."""
         zero, no = np.zeros(R, np.int32), np.zeros(R, bool)
         return cls(np.float32(0), np.int32(0), np.int32(0), np.float32(0),
-                   np.full(R, np.inf, np.float32), no, np.bool_(False), np.bool_(False), no, no,
+                   np.full(R, np.inf, np.float32), no, np.bool_(False), np.bool_(False), no,
                    zero, zero, zero, np.int32(0), zero, zero, zero, zero)
 
     def pack(self) -> tuple[jax.Array, jax.Array]:
@@ -192,8 +192,7 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
             last_start=out.elapsed,
             first_token=jnp.where(first, elapsed, out.first_token), finished=finished,
             copies=plan.offloads.any() | plan.restores.any(), idle=plan.num_seqs == 0,
-            offloads=plan.offloads, restores=plan.restores,
-            restore_groups=plan.restore_groups, cached_before=before,
+            offloads=plan.offloads, restore_groups=plan.restore_groups, cached_before=before,
             query_lens=plan.query_lens)
 
     def jump(carry, k, dt):
@@ -214,7 +213,7 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
         return S.SchedulerState(requests, table, state.cache), dataclasses.replace(
             out, elapsed=elapsed, steps=out.steps + k, rounds=out.rounds + 1,
             last_start=last_start, finished=no,
-            copies=jnp.bool_(False), idle=jnp.bool_(False), offloads=no, restores=no,
+            copies=jnp.bool_(False), idle=jnp.bool_(False), offloads=no,
             restore_groups=jnp.zeros(R, i32),
             cached_before=state.cached_tokens + jnp.where(running, k - 1, 0),
             query_lens=running.astype(i32))
@@ -386,7 +385,7 @@ class SimNode:
         """Start the copies of a step that started at ``start``."""
         for slot in np.flatnonzero(out.offloads):
             self.write(int(slot), int(out.cached_before[slot]), start)
-        restoring = np.flatnonzero(out.restores)
+        restoring = np.flatnonzero(out.restore_groups)
         if not len(restoring):
             return
         # Only the groups missing on the device move: the upper ones (a purge took them).

@@ -144,20 +144,33 @@ def test_deterministic_and_conserving(name):
 
 
 @pytest.mark.parametrize("name", ["recompute", "sticky_offload", "symphony"])
-def test_long_runs_decide_as_stepping_one_at_a_time(name):
-    """Nodes run many steps per call, and steady decode steps many at once; the requests'
-    nodes, counts and times are those of one step per call (times to float32 rounding), and
-    the host tier's prefetches and admissions happen at the same steps."""
+def test_long_runs_decide_as_stepping_one_at_a_time(name, monkeypatch):
+    """Nodes run many steps per call, steady decode steps many at once, and nodes whose next
+    steps only decode are parked (events elsewhere pass them by); the requests' nodes, counts
+    and times are those of one step per call, every node stopping at every event (times to
+    float32 rounding), and the host tier's prefetches and admissions happen at the same
+    steps."""
     schedule, config = chat(sessions=12, users=6), SimConfig(CONFIG, num_nodes=2)
+    passed = []  # per event: the nodes with steps to run that it passed by (parked)
+    handle = Simulator._handle
+
+    def spy(self, t):
+        passed[-1] += sum(n.busy and not n.idle and not n.waiting_on and n.clock < t
+                          for n in self.nodes)
+        handle(self, t)
+
+    monkeypatch.setattr(Simulator, "_handle", spy)
     runs = []
     for stretch, decode_run in ((1, 1), (node_module.STRETCH_STEPS, node_module.DECODE_RUN)):
         sim = Simulator(schedule, name, config, Linear())
         for node in sim.nodes:
             node.stretch_steps, node.decode_run = stretch, decode_run
+        passed.append(0)
         runs.append((sim.run(), sum(n.steps for n in sim.nodes),
                      sum(n.rounds for n in sim.nodes)))
     (one, steps, rounds), (fast, fast_steps, fast_rounds) = runs
     assert fast_steps == steps == rounds and fast_rounds < steps / 2
+    assert passed[0] == 0 and passed[1] > 0
     a, b = one.requests, fast.requests
     for field in ("request_id", "node", "output_tokens", "prefill_tokens", "recomputed_tokens"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))

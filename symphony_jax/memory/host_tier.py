@@ -107,6 +107,8 @@ class HostTier:
 
     def _make_room(self, blocks: int, protect: set) -> list[tuple[Hashable, Entry]]:
         spare = self.capacity_blocks - self.used_blocks
+        if blocks <= spare:
+            return []
         candidates = [k for k in self.entries if k not in protect]  # least recent first
         if blocks > spare + sum(self.entries[k].num_blocks for k in candidates):
             raise HostTierFull(f"{blocks} blocks do not fit a host tier of "

@@ -121,23 +121,26 @@ class NewRequests:
 
 def new_requests(request_id, prompt_len, max_new_tokens, *, session_id=None, history_len=None,
                  priority=None, arrival=None, size: int | None = None) -> NewRequests:
-    """A padded ``NewRequests`` batch of ``size`` (default: as many as given) from sequences."""
+    """A padded ``NewRequests`` batch of ``size`` (default: as many as given) from sequences,
+    as numpy arrays (a jitted transition takes them in one transfer each)."""
     n = len(request_id)
     size = n if size is None else size
     if size < n:
         raise ValueError(f"new_requests: {n} requests do not fit a batch of size={size}")
-    column = lambda values, default, dtype: np.pad(
-        np.asarray(values if values is not None else [default] * n, dtype), (0, size - n),
-        constant_values=default)
+    def column(values, default, dtype):
+        out = np.full(size, default, dtype)
+        if values is not None:
+            out[:n] = values
+        return out
+
     return NewRequests(
-        request_id=jnp.asarray(np.pad(np.asarray(request_id, np.int32), (0, size - n),
-                                      constant_values=-1)),
-        session_id=jnp.asarray(column(session_id, NO_SESSION, np.int32)),
-        prompt_len=jnp.asarray(column(prompt_len, 0, np.int32)),
-        history_len=jnp.asarray(column(history_len, 0, np.int32)),
-        max_new_tokens=jnp.asarray(column(max_new_tokens, 0, np.int32)),
-        priority=jnp.asarray(column(priority, 0, np.int32)),
-        arrival=jnp.asarray(column(arrival, 0.0, np.float32)),
+        request_id=column(request_id, -1, np.int32),
+        session_id=column(session_id, NO_SESSION, np.int32),
+        prompt_len=column(prompt_len, 0, np.int32),
+        history_len=column(history_len, 0, np.int32),
+        max_new_tokens=column(max_new_tokens, 0, np.int32),
+        priority=column(priority, 0, np.int32),
+        arrival=column(arrival, 0.0, np.float32),
     )
 
 

@@ -55,6 +55,8 @@ class Network:
         """When the next flow completes at the current rates (``inf``: none in flight). With
         ``links``: the next completion that can change the flows crossing them (theirs, or
         that of a flow linked to them through shared links: its end changes their rates)."""
+        if not self.flows:
+            return math.inf
         flows, reach = self.flows, set(links or ())
         while links is not None:  # widen to the links of the flows crossing them, until closed
             flows = [f for f in self.flows if not reach.isdisjoint(f.path)]

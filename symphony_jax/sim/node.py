@@ -8,7 +8,8 @@ loop, each taking the cost model's time, until a request finishes, the horizon p
 step copies K,V to or from the host tier (the node then starts those copies as flows on its
 links). Steps that only decode are known in advance (one token per running request), so a run
 of them is taken at once: their blocks reserved together, their times from
-``cost.run_times``.
+``cost.run_times``. The same forecast, made after a run, says until when the node would report
+nothing if left alone (``Stretch.quiet``): the simulator lets events elsewhere pass it by.
 
 The host tier mirrors the engine's (``engine.host_kv``) at block granularity: a ``HostTier`` of
 byte-less entries, copies as flows on the node's PCIe link. Simplifications, each cheaper than
@@ -67,6 +68,8 @@ class Stretch:
     query_lens: jax.Array  # i32[R]  and the tokens each computed in it
     # After the stretch (read with it):
     free_blocks: jax.Array  # i32[]
+    quiet: jax.Array  # f32[]        time until which, left alone, it only decodes steadily,
+    #                                reporting nothing (``elapsed``: no such forecast)
     cached: jax.Array  # i32[R]      each slot's cached tokens
     computed: jax.Array  # i32[R]    prompt tokens its request computed
     recomputed: jax.Array  # i32[R]  of which history tokens
@@ -78,7 +81,7 @@ class Stretch:
         zero, no = np.zeros(R, np.int32), np.zeros(R, bool)
         return cls(np.float32(0), np.int32(0), np.int32(0), np.float32(0),
                    np.full(R, np.inf, np.float32), no, np.bool_(False), np.bool_(False), no,
-                   zero, zero, zero, np.int32(0), zero, zero, zero, zero)
+                   zero, zero, zero, np.int32(0), np.float32(0), zero, zero, zero, zero)
 
     def pack(self) -> tuple[jax.Array, jax.Array]:
         """The fields as one f32 and one i32 vector: two reads to the host, not 17."""
@@ -90,7 +93,7 @@ class Stretch:
     def unpack(cls, R: int, floats: np.ndarray, ints: np.ndarray) -> Stretch:
         leaves, tree = _layout(R)
         return jax.tree.unflatten(tree, [
-            (floats if is_float else ints)[start:stop].reshape(shape).astype(dtype)
+            (floats if is_float else ints)[start:stop].reshape(shape).astype(dtype, copy=False)
             for is_float, start, stop, shape, dtype in leaves])
 
 
@@ -169,7 +172,8 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
     ``Stretch``, packed.
 
     Steps that only decode (``_steady``) are taken up to ``decode_run`` at a time, in closed
-    form: the same plans and times as one by one, with fewer scheduler calls."""
+    form: the same plans and times as one by one, with fewer scheduler calls. With
+    ``decode_run`` > 1 the stretch also forecasts the steady steps that follow it (``quiet``)."""
     R = state.num_slots
     slots = jnp.arange(R, dtype=i32)
     no = jnp.zeros(R, bool)
@@ -235,9 +239,15 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
 
     out = jax.tree.map(jnp.asarray, Stretch.empty(R))
     state, out = jax.lax.while_loop(going, body, (state, out))
+    quiet = out.elapsed
+    if decode_run > 1:  # the steady steps ahead start before the first that could report
+        k, dt = _decode_run(state, start, out.elapsed, 0, jnp.inf, cost=cost,
+                            max_steps=decode_run, run=decode_run)
+        steady = _steady(state, limits) & ~out.copies
+        quiet += jnp.where(steady & (jnp.arange(decode_run) < k), dt, 0).sum()
     r = state.requests
     return state, dataclasses.replace(
-        out, free_blocks=state.blocks.free_top, cached=state.cached_tokens,
+        out, free_blocks=state.blocks.free_top, quiet=quiet, cached=state.cached_tokens,
         computed=r.computed, recomputed=r.recomputed_history, host_tokens=r.host_tokens).pack()
 
 
@@ -297,6 +307,9 @@ class SimNode:
         self.pending: list[SimRequest] = []
         self.requests: dict[int, SimRequest] = {}  # admitted, unfinished
         self.clock = 0.0  # when its next step starts
+        # Until when, left alone, its steps only decode and report nothing (set by ``run``;
+        # any other change of its state voids it): events need not stop it before then.
+        self.quiet_until = -math.inf
         self.waiting_on: set[object] = set()  # copies its next step waits for (layer-wise)
         self.idle = True  # nothing to step until an event
         self.free_blocks = config.cache.num_device_blocks - 1
@@ -304,6 +317,15 @@ class SimNode:
         self.rounds = 0  # scheduler calls they took (a steady run is one)
         self.stretch_steps = STRETCH_STEPS  # most steps one ``run`` takes
         self.decode_run = DECODE_RUN  # 1: step one by one
+
+    @property
+    def state(self) -> S.SchedulerState:
+        return self._state
+
+    @state.setter
+    def state(self, state: S.SchedulerState) -> None:
+        """A change other than its own steps voids their forecast (``run`` makes a new one)."""
+        self._state, self.quiet_until = state, -math.inf
 
     # ------------------------------------------------------------ requests
 
@@ -313,7 +335,7 @@ class SimNode:
 
     def submit(self, request: SimRequest) -> None:
         self.pending.append(request)
-        self.idle = False
+        self.idle, self.quiet_until = False, -math.inf
 
     def held(self, session_id: int) -> bool:
         """Whether K,V migrated here for ``session_id`` is still on its way in."""
@@ -375,7 +397,7 @@ class SimNode:
         self.steps += int(out.steps)
         self.rounds += int(out.rounds)
         self.free_blocks = int(out.free_blocks)
-        self.clock = start + float(out.elapsed)
+        self.clock, self.quiet_until = start + float(out.elapsed), start + float(out.quiet)
         if out.copies:
             self._copies(out, start + float(out.last_start))
         self.idle = bool(out.idle) and not out.copies
@@ -474,12 +496,12 @@ class SimNode:
         for pending in (self.writing, self.arriving, self.to_prefetch, self.prefetching):
             pending.discard(slot)
 
-    def _slots(self, slots: list[int]) -> jax.Array:
+    def _slots(self, slots: list[int]) -> np.ndarray:
         R = self.config.scheduler.slots
-        return jnp.asarray(padded(slots, R, R))
+        return padded(slots, R, R)
 
-    def _values(self, values: list[int]) -> jax.Array:
-        return jnp.asarray(padded(values, self.config.scheduler.slots, 0))
+    def _values(self, values: list[int]) -> np.ndarray:
+        return padded(values, self.config.scheduler.slots, 0)
 
     # ------------------------------------------------------------ migration
 
@@ -489,24 +511,30 @@ class SimNode:
         if not len(held):
             return None
         slot = int(held[0])
-        status = int(jax.device_get(self.state.requests.status[slot]))
+        status = int(np.asarray(self.state.requests.status)[slot])
         if status != S.FINISHED or self.slot_request[slot] >= 0 or slot in self.prefetching:
             return None
         return slot
 
-    def prefetch_session(self, session_id: int, now: float) -> None:
-        """Before idle ``session_id``'s next request, copy into free blocks the layer groups of
-        its K,V that only the host tier holds, lower layers first (as ``Engine``'s)."""
+    def missing_slot(self, session_id: int) -> int | None:
+        """The slot of idle ``session_id`` whose device misses layer groups of its K,V that
+        the host tier holds (None: no such slot)."""
         slot = self.idle_slot(session_id)
-        if slot is None or self.stored[slot] == 0:
-            return
-        if not (jax.device_get(self.state.blocks.num_tokens[:, slot]) > 0).all():
-            self.to_prefetch.add(slot)
-            self.idle = False
-            self.prefetch(now)
+        if slot is None or self.stored[slot] == 0 or (
+                np.asarray(self.state.blocks.num_tokens)[:, slot] > 0).all():
+            return None
+        return slot
+
+    def prefetch_slot(self, slot: int, now: float) -> None:
+        """Before an idle session's next request, copy into free blocks the layer groups of
+        its K,V that only the host tier holds (``missing_slot``), lower layers first (as
+        ``Engine.prefetch_session``)."""
+        self.to_prefetch.add(slot)
+        self.idle = False
+        self.prefetch(now)
 
     def session_tokens(self, slot: int) -> int:
-        cached = int(jax.device_get(self.state.cached_tokens[slot]))
+        cached = int(np.asarray(self.state.blocks.num_tokens)[0, slot])
         return max(cached, self.host.tokens(slot))
 
     def import_session(self, session_id: int, tokens: int) -> int | None:

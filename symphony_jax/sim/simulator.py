@@ -22,6 +22,13 @@ can change its own. So no node ever starts a step after an event that could chan
 decisions are the ones a node stepping in lockstep with the others would make, however long
 the runs.
 
+A node whose steps ahead only decode (``node.advance`` forecasts them: no request finishes,
+nothing is preempted or expires) is *parked* until the first that could report: events
+elsewhere pass it by, since its steps neither change nor read anything outside it. An event
+that reads or changes a parked node first runs its steps up to the event's time (``_at``);
+reading what those steps leave alone (an idle session's K,V) needs no such run. Every event
+would otherwise stop every node, each stop a jitted call.
+
 Migration under ``hints="migrate"`` or ``fetch_on_request``: the session's K,V moves from the
 node holding it (its host tier or device) over both nodes' network interfaces into the
 destination's host tier, then over its PCIe link into free blocks; ``free_migration`` makes
@@ -159,12 +166,14 @@ class Simulator:
         bar = progress_bar(self.schedule.num_rows, progress)
         while self.ended < self.schedule.num_rows:
             ready = [n for n in self.nodes if n.busy and not n.idle and not n.waiting_on]
-            node = min(ready, key=lambda n: n.clock, default=None)
+            due = {n.index: self._due(n) for n in ready}
+            node = min(ready, key=lambda n: due[n.index], default=None)
             t_change = _first_time(self.events)
             t_event = min(t_change, self.network.next_completion(), _first_time(self.notes))
-            if min(t_event, node.clock if node else math.inf) >= until_s:
+            if min(t_event, due[node.index] if node else math.inf) >= until_s:
                 break
-            if node is None or t_event <= node.clock:
+            # A parked node runs before what happens at its due time (a flow it waits for).
+            if node is None or t_event <= node.clock or t_event < due[node.index]:
                 if t_event == math.inf:
                     raise RuntimeError(self._stuck())
                 before = self.ended
@@ -173,11 +182,32 @@ class Simulator:
                 continue
             # What a finish triggers comes ``reaction`` after it, at the earliest: a finish is
             # no earlier than the other nodes' clocks or a note not yet applied.
-            others = min([n.clock for n in ready if n is not node] + [_first_time(self.notes)])
+            others = min([due[n.index] for n in ready if n is not node]
+                         + [_first_time(self.notes)])
             self._step(node, min(t_change, others + self.reaction,
                                  self.network.next_completion(node.links)))
+        if until_s < math.inf:  # parked nodes' progress up to the end, for the records
+            for node in self.nodes:
+                self._at(node.index, until_s)
         bar.close()
         return self.records()
+
+    def _due(self, node: SimNode) -> float:
+        """When ``node`` must step next: at its clock, or later while it is *parked* — left
+        alone, it only decodes and reports nothing until ``quiet_until``, and no flow that
+        could change it ends before. Events before then need not stop it: one that reads or
+        changes it first runs its steps up to the event (``_at``)."""
+        return max(node.clock, min(node.quiet_until, self.network.next_completion(node.links)))
+
+    def _at(self, index: int, t: float) -> SimNode:
+        """Node ``index`` at ``t``: a parked one's steps before ``t`` run now (they report
+        nothing), before an event at ``t`` reads or changes it."""
+        node = self.nodes[index]
+        if node.clock < t <= node.quiet_until:
+            reports = self.serial
+            self._step(node, t)
+            assert self.serial == reports and node.clock >= t, "a parked node's steps reported"
+        return node
 
     def _step(self, node: SimNode, horizon: float) -> None:
         node.prefetch(node.clock, instant=self.free)
@@ -279,7 +309,7 @@ class Simulator:
         request.node = index
         request.prefill_estimate = request.prompt_len - self.scheduler.kept_tokens(session,
                                                                                     index, t)
-        node = self.nodes[index]
+        node = self._at(index, t)
         if not node.busy:
             node.clock = max(node.clock, t)
         node.submit(request)
@@ -320,16 +350,19 @@ class Simulator:
     def _migrate(self, session: int, dst: int, t: float) -> None:
         """Start moving ``session``'s K,V to node ``dst`` if another node holds it; if ``dst``
         does, bring what its host tier alone holds into free blocks there."""
+        # Reading a parked node is reading it at ``t``: its steps change no idle session.
         src = self.scheduler.kv_node(session, t)
         if src == dst and session not in self.migrating:
-            self.nodes[dst].prefetch_session(session, max(t, self.nodes[dst].clock))
+            slot = self.nodes[dst].missing_slot(session)
+            if slot is not None:
+                target = self._at(dst, t)
+                target.prefetch_slot(slot, max(t, target.clock))
         if src < 0 or src == dst or session in self.migrating:
             return
         slot = self.nodes[src].idle_slot(session)
         if slot is None:
             return
-        tokens = self.nodes[src].session_tokens(slot)
-        target = self.nodes[dst]
+        tokens, target = self.nodes[src].session_tokens(slot), self._at(dst, t)
         dst_slot = target.import_session(session, tokens) if tokens else None
         if dst_slot is None:
             return

@@ -307,8 +307,8 @@ class SimNode:
         self.pending: list[SimRequest] = []
         self.requests: dict[int, SimRequest] = {}  # admitted, unfinished
         self.clock = 0.0  # when its next step starts
-        # Until when, left alone, its steps only decode and report nothing (set by ``run``;
-        # any other change of its state voids it): events need not stop it before then.
+        # Until when its steps only decode (set by ``run``; any other change of its state
+        # voids it): see ``parked_until``.
         self.quiet_until = -math.inf
         self.waiting_on: set[object] = set()  # copies its next step waits for (layer-wise)
         self.idle = True  # nothing to step until an event
@@ -335,7 +335,16 @@ class SimNode:
 
     def submit(self, request: SimRequest) -> None:
         self.pending.append(request)
-        self.idle, self.quiet_until = False, -math.inf
+        self.idle = False
+
+    @property
+    def parked_until(self) -> float:
+        """Until when, left alone, its steps only decode and it reports nothing: ``quiet_until``,
+        unless its next step would first admit requests or start a prefetch (-inf)."""
+        if self.pending or any(self._blocks_to_prefetch(s) <= self.free_blocks
+                               for s in self.to_prefetch):
+            return -math.inf
+        return self.quiet_until
 
     def held(self, session_id: int) -> bool:
         """Whether K,V migrated here for ``session_id`` is still on its way in."""

@@ -194,16 +194,16 @@ class Simulator:
 
     def _due(self, node: SimNode) -> float:
         """When ``node`` must step next: at its clock, or later while it is *parked* — left
-        alone, it only decodes and reports nothing until ``quiet_until``, and no flow that
+        alone, it only decodes and reports nothing until ``parked_until``, and no flow that
         could change it ends before. Events before then need not stop it: one that reads or
         changes it first runs its steps up to the event (``_at``)."""
-        return max(node.clock, min(node.quiet_until, self.network.next_completion(node.links)))
+        return max(node.clock, min(node.parked_until, self.network.next_completion(node.links)))
 
     def _at(self, index: int, t: float) -> SimNode:
         """Node ``index`` at ``t``: a parked one's steps before ``t`` run now (they report
         nothing), before an event at ``t`` reads or changes it."""
         node = self.nodes[index]
-        if node.clock < t <= node.quiet_until:
+        if node.clock < t <= node.parked_until:
             reports = self.serial
             self._step(node, t)
             assert self.serial == reports and node.clock >= t, "a parked node's steps reported"

@@ -151,7 +151,7 @@ def test_long_runs_decide_as_stepping_one_at_a_time(name, monkeypatch):
     float32 rounding), and the host tier's prefetches and admissions happen at the same
     steps."""
     schedule, config = chat(sessions=12, users=6), SimConfig(CONFIG, num_nodes=2)
-    passed = []  # per event: the nodes with steps to run that it passed by (parked)
+    passed = []  # per run: over its events, the nodes with steps to run they passed by
     handle = Simulator._handle
 
     def spy(self, t):

@@ -86,7 +86,7 @@ def compare(quick: bool, nodes=(1, 2), systems=("recompute", "symphony"),
     for n in nodes:
         logs = []
         for system in systems:
-            serve(calibration, system, n, params)  # compiles
+            serve(calibration, system, n, params, record=True)  # compiles (recording included)
             logs += serve(calibration, system, n, params, record=True)[1]
         samples = samples_of(logs)
         cost = fit(samples, Geometry.of(CONFIG.model), limits=CONFIG.scheduler)

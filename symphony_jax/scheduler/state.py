@@ -108,7 +108,8 @@ class SchedulerState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NewRequests:
-    """A batch of arriving requests (N, padded: ``request_id < 0`` is padding)."""
+    """A batch of arriving requests (N, padded: ``request_id < 0`` is padding); numpy arrays
+    from ``new_requests``, passed to jitted transitions as they are."""
 
     request_id: jax.Array  # i32[N]
     session_id: jax.Array  # i32[N]  NO_SESSION: none

@@ -131,10 +131,10 @@ def _steady(state: S.SchedulerState, limits) -> jax.Array:
             & (n <= limits.max_num_batched_tokens))
 
 
-def _decode_run(state: S.SchedulerState, start, elapsed, steps, horizon, *, cost, max_steps,
-                run: int) -> tuple[jax.Array, jax.Array]:
-    """For a steady state (``_steady``): how many of the next ``run`` steps stay steady and
-    start in time, and those steps' times (f32[run]). A steady step decodes one token per
+def _decode_run(state: S.SchedulerState, start, elapsed, steps, horizon, *, limits, cost,
+                max_steps, run: int) -> tuple[jax.Array, jax.Array]:
+    """How many of the next ``run`` steps stay steady (``_steady``; 0 if the state is not)
+    and start in time, and those steps' times (f32[run]). A steady step decodes one token per
     running slot and nothing else, so the steps are known in advance; the run ends before a
     step whose blocks are not free (it would preempt), a step that finishes a request, a step
     that would expire a retained K,V, or a step that starts at or after ``horizon``."""
@@ -151,7 +151,8 @@ def _decode_run(state: S.SchedulerState, start, elapsed, steps, horizon, *, cost
     ok = (((step == 0) | (begins < horizon)) & (step < max_steps)
           & (new_blocks * table.num_groups <= table.free_top) & (ahead + 1 < left)
           & (jnp.asarray(start, f32) + begins < expiry))
-    return jnp.where(ok.all(), run, jnp.argmin(ok)).astype(i32), dt
+    k = jnp.where(ok.all(), run, jnp.argmin(ok)).astype(i32)
+    return jnp.where(_steady(state, limits), k, 0), dt
 
 
 def _when(pred: jax.Array, apply, carry):
@@ -226,8 +227,7 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
         if decode_run <= 1:
             return step(carry)
         k, dt = _decode_run(carry[0], start, carry[1].elapsed, carry[1].steps, horizon,
-                            cost=cost, max_steps=max_steps, run=decode_run)
-        k = jnp.where(_steady(carry[0], limits), k, 0)
+                            limits=limits, cost=cost, max_steps=max_steps, run=decode_run)
         carry = _when(k > 0, functools.partial(jump, k=k, dt=dt), carry)
         return _when(k == 0, step, carry)
 
@@ -241,10 +241,9 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
     state, out = jax.lax.while_loop(going, body, (state, out))
     quiet = out.elapsed
     if decode_run > 1:  # the steady steps ahead start before the first that could report
-        k, dt = _decode_run(state, start, out.elapsed, 0, jnp.inf, cost=cost,
+        k, dt = _decode_run(state, start, out.elapsed, 0, jnp.inf, limits=limits, cost=cost,
                             max_steps=decode_run, run=decode_run)
-        steady = _steady(state, limits) & ~out.copies
-        quiet += jnp.where(steady & (jnp.arange(decode_run) < k), dt, 0).sum()
+        quiet += jnp.where(~out.copies & (jnp.arange(decode_run) < k), dt, 0).sum()
     r = state.requests
     return state, dataclasses.replace(
         out, free_blocks=state.blocks.free_top, quiet=quiet, cached=state.cached_tokens,
@@ -543,7 +542,7 @@ class SimNode:
         self.prefetch(now)
 
     def session_tokens(self, slot: int) -> int:
-        cached = int(np.asarray(self.state.blocks.num_tokens)[0, slot])
+        cached = int(np.asarray(self.state.cached_tokens)[slot])
         return max(cached, self.host.tokens(slot))
 
     def import_session(self, session_id: int, tokens: int) -> int | None:

@@ -197,7 +197,10 @@ class Simulator:
         alone, it only decodes and reports nothing until ``parked_until``, and no flow that
         could change it ends before. Events before then need not stop it: one that reads or
         changes it first runs its steps up to the event (``_at``)."""
-        return max(node.clock, min(node.parked_until, self.network.next_completion(node.links)))
+        parked = node.parked_until
+        if parked <= node.clock:
+            return node.clock
+        return max(node.clock, min(parked, self.network.next_completion(node.links)))
 
     def _at(self, index: int, t: float) -> SimNode:
         """Node ``index`` at ``t``: a parked one's steps before ``t`` run now (they report

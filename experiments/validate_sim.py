@@ -1,8 +1,9 @@
 """Validation: the simulator, calibrated on the real engine, against the real cluster.
 
 For 1 and 2 nodes (fake CPU devices, the ``tiny`` model) and the systems ``recompute`` and
-``symphony``: mean and p90 TTFT, TPOT and end-to-end latency of the real cluster and of the
-simulator on the same closed-loop chat schedule, and the simulator's relative error (method:
+``symphony``: mean and p90 TTFT, TPOT and end-to-end latency of the real cluster (the mean of
+``real_check.REPEATS`` timed runs, and their spread) and of the simulator on the same
+closed-loop chat schedule, and the simulator's relative error (method:
 ``symphony_jax.figures.real_check``). Target: within 10% on mean TTFT and TPOT.
 
 Usage: ``python experiments/validate_sim.py [--quick] [--out FILE.md]``.
@@ -27,13 +28,13 @@ from symphony_jax.figures.common import table  # noqa: E402
 
 
 def report(quick: bool) -> str:
-    rows, fits = real_check.compare(quick, progress=True)
+    rows, notes = real_check.compare(quick, progress=True)
     requests = real_check.schedule_of(0, quick).num_rows
     return "\n".join([
         f"JAX {jax.__version__}, {_report.machine()}, {datetime.date.today()}; tiny model, "
         f"{requests} requests "
-        f"({'quick' if quick else 'full'} scale)", "", *fits, "",
-        table(rows, ["nodes", "system", "metric", "real_s", "simulated_s", "error"])])
+        f"({'quick' if quick else 'full'} scale)", "", *notes, "",
+        table(rows, real_check.COLUMNS)])
 
 
 def main(argv: list[str] | None = None) -> str:

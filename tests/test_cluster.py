@@ -5,15 +5,17 @@ migration and offload move K,V, they never change it.
 """
 
 import dataclasses
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from symphony_jax.cluster import SYSTEMS, Cluster, ClusterConfig, System, run, system
 from symphony_jax.cluster import placement
 from symphony_jax.cluster.global_scheduler import ADVISED_FOR_S, GlobalScheduler
-from symphony_jax.cluster.replay import turn_tokens
+from symphony_jax.cluster.replay import CompileFreeClock, turn_tokens
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
 from symphony_jax.engine.engine import Engine, Residency
 from symphony_jax.engine.sampling import SamplingParams
@@ -274,3 +276,23 @@ def test_systems_and_configs_reject_bad_input(params):
         cluster.where(-1)
     with pytest.raises(ValueError, match="run: schedule"):
         run("not a schedule", "recompute", ClusterConfig(CONFIG), params)
+
+
+def test_the_compile_free_clock_leaves_out_compilation_while_in_use():
+    """A function compiled while the clock is in use (a ``with`` block) does not advance it;
+    one compiled afterwards is not counted."""
+    def chain(x):
+        for _ in range(40):
+            x = jnp.tanh(x @ x)
+        return x
+
+    x = jnp.ones((8, 8))
+    with CompileFreeClock() as clock:
+        wall, start = time.monotonic(), clock()
+        jax.jit(chain)(x).block_until_ready()
+        wall, elapsed = time.monotonic() - wall, clock() - start
+    assert clock.compiles == 1 and 0 < clock.seconds < wall
+    assert elapsed == pytest.approx(wall - clock.seconds, abs=0.01)
+    excluded = clock.seconds
+    jax.jit(lambda y: chain(y) + 1)(x).block_until_ready()
+    assert (clock.compiles, clock.seconds) == (1, excluded)

@@ -3,7 +3,9 @@ loading, asynchrony and faults. Every case is checked against generation without
 (greedy, tiny model) and against the block table's invariants."""
 
 import dataclasses
+import logging
 
+import jax
 import numpy as np
 import pytest
 
@@ -296,3 +298,23 @@ def test_a_damaged_disk_entry_is_recomputed(tmp_path, damage):
     assert counts_of(engine, turn2) == (history + new, history - 1)
     assert engine.host.stats.lost > 0
     check_blocks(engine)
+
+
+def test_steps_compiled_ahead_on_another_device_do_not_compile_while_serving(caplog):
+    """Engine B, on another device, compiles the steps engine A ran (``compile_steps``: A's
+    ``step_shapes``) before serving what A served: no step compiles then. A's restores, loaded
+    layer by layer into two layer groups, come in power-of-two buffers (``StepShape``)."""
+    config = with_host(TIGHT, 64, groups=2)
+    policy = dataclasses.replace(POLICY, layerwise_loading=True)
+    a = Engine(config, PARAMS, policy=policy, device=jax.devices()[0])
+    b = Engine(config, PARAMS, policy=policy, device=jax.devices()[1])
+    turn2, expected, _, _ = two_turns(a)  # compiles the reference engine's steps as well
+    assert a.result(turn2).token_ids == expected
+    loaded = [s.restores for s in a.step_shapes if s.restores is not None]
+    assert loaded and all(n & (n - 1) == 0 for _, n in loaded)
+    b.compile_steps(a.step_shapes)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        turn2, expected, _, _ = two_turns(b)
+    assert b.result(turn2).token_ids == expected
+    assert not [r for r in caplog.records if "XLA compilation of jit(run)" in r.message]
+    assert b.step_shapes == a.step_shapes

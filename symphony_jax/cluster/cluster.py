@@ -222,6 +222,14 @@ class Cluster:
                                node.engine.host_kv_bytes))
         return ended
 
+    def compile_steps(self) -> None:
+        """Compile on every node the steps any node ran (``Engine.compile_steps``), so that a
+        node meeting one of them first later (in this cluster or another on the same devices)
+        does not compile it while serving."""
+        shapes = set().union(*(node.engine.step_shapes for node in self.nodes))
+        for node in self.nodes:
+            node.engine.compile_steps(shapes)
+
     def remove_node(self, index: int) -> None:
         """Take node ``index`` away now (see the module doc)."""
         node = self.nodes[index]

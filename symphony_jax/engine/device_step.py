@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from symphony_jax.config import EngineConfig
 from symphony_jax.engine import hashing
@@ -58,22 +59,80 @@ NUM_COUNTS = 4  # counts ``schedule`` returns before its per-slot rows
 REQUEST, CACHED, COMPUTED, RECOMPUTED = range(4)  # rows of StepOutputs.counters
 
 
+DROPPED = np.iinfo(np.int32).max  # a block id past any pool's: writes to it are dropped
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Restores:
-    """One layer group of host chunks (``transfer.Chunk``) that a step loads layer by layer as
-    it runs: chunk i goes to ``slots[i]``'s blocks of the group from table column
-    ``first_blocks[i]`` on."""
+    """One layer group's blocks that a step loads from host memory layer by layer: block i of
+    ``k, v`` goes to table column ``columns[i]`` of slot ``slots[i]``. N is a power of two and
+    the blocks past the restored ones are padding (slot R: dropped), so that ``run`` compiles
+    for few shapes (``StepShape.restores``)."""
 
-    k: tuple[jax.Array, ...]  # each [P_g, KVH, n_i, BS, D], host memory
-    v: tuple[jax.Array, ...]
-    slots: jax.Array  # i32[C]
-    first_blocks: jax.Array  # i32[C]
+    k: jax.Array  # [P_g, KVH, N, BS, D], host memory
+    v: jax.Array
+    slots: jax.Array  # i32[N]
+    columns: jax.Array  # i32[N]
 
     def loads(self, block_ids: jax.Array, group: int) -> llama.BlockLoads:
-        ids = [transfer.group_block_ids(block_ids, group, self.slots[i], self.first_blocks[i],
-                                        k.shape[2]) for i, k in enumerate(self.k)]
-        return llama.BlockLoads(self.k, self.v, jnp.concatenate(ids))
+        ids = block_ids[group].at[self.slots, self.columns].get(mode="fill", fill_value=DROPPED)
+        return llama.BlockLoads(self.k, self.v, ids)
+
+    @staticmethod
+    def buffer_shape(config: EngineConfig, group: int, num_blocks: int) -> tuple[int, ...]:
+        """The shape of ``k`` (and ``v``) of ``num_blocks`` blocks of layer ``group``."""
+        model = config.model
+        return (config.layer_groups.count(group), model.num_kv_heads, num_blocks,
+                config.cache.block_size, model.head_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """What ``run`` compiles for: the batch's bucket and, when the step loads restores layer by
+    layer, the first layer group they load (every group above it loads too) and the number of
+    blocks each group's ``Restores`` holds."""
+
+    num_seqs: int
+    num_tokens: int
+    decode: bool
+    restores: tuple[int, int] | None = None  # (first group, N)
+
+    @staticmethod
+    def of_restores(restores: tuple[Restores | None, ...] | None) -> tuple[int, int] | None:
+        if restores is None:
+            return None
+        first = next(g for g, r in enumerate(restores) if r is not None)
+        return first, restores[first].k.shape[2]
+
+
+def pack(config: EngineConfig, group: int, chunks, num_blocks: int, device) -> Restores:
+    """Layer ``group``'s restores of ``num_blocks`` blocks: host ``chunks`` ``(k, v, slot,
+    first block)`` (``transfer.Chunk`` arrays of the group) copied into one buffer each for K
+    and V in ``device``'s host memory, the blocks past theirs padding."""
+    shape = Restores.buffer_shape(config, group, num_blocks)
+    k, v = (np.zeros(shape, jnp.dtype(config.model.dtype)) for _ in "kv")
+    slots = np.full(num_blocks, config.scheduler.slots, np.int32)
+    columns = np.zeros(num_blocks, np.int32)
+    at = 0
+    for chunk_k, chunk_v, slot, first_block in chunks:
+        n = chunk_k.shape[2]
+        k[:, :, at:at + n], v[:, :, at:at + n] = np.asarray(chunk_k), np.asarray(chunk_v)
+        slots[at:at + n], columns[at:at + n] = slot, np.arange(first_block, first_block + n)
+        at += n
+    k, v = jax.device_put((k, v), transfer.host_sharding(device))
+    return Restores(k, v, *jax.device_put((slots, columns), device))
+
+
+def padding(config: EngineConfig, restores: tuple[int, int] | None,
+            device) -> tuple[Restores | None, ...] | None:
+    """Each layer group's ``Restores`` of ``StepShape.restores`` that load nothing (to compile
+    ``run`` ahead of time: an abstract value would not say the buffers are in host memory)."""
+    if restores is None:
+        return None
+    first, num_blocks = restores
+    return tuple(None if g < first else pack(config, g, (), num_blocks, device)
+                 for g in range(config.cache.num_layer_groups))
 
 
 def _keys(tokens: jax.Array, lengths: jax.Array, blocks) -> jax.Array:

@@ -10,11 +10,16 @@ its prompt is the session's tokens so far followed by the new ones.
 Sessions' K,V can move between engines (nodes of a cluster): ``export_session`` copies an idle
 session's K,V to another device's host memory, ``import_session`` takes it in (host tier, then
 free blocks), ``drop_session`` lets an idle session go.
+
+A step compiles once per ``device_step.StepShape`` and device. ``step_shapes`` are those an
+engine ran; ``compile_steps`` compiles such shapes ahead of time (another engine's, on this
+one's device), so that meeting them later compiles nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -130,6 +135,7 @@ class Engine:
         # lengths i32[R]); a step's duration is the time to the next one.
         self.step_log: list[tuple[float, np.ndarray, np.ndarray]] | None = (
             [] if record_steps else None)
+        self.step_shapes: set[device_step.StepShape] = set()  # steps run (or compiled)
 
     # ---------------------------------------------------------------- the online API
 
@@ -212,13 +218,33 @@ class Engine:
                                           self.slot_request < 0)
         previous, self.inflight = self.inflight, None
         if num_seqs:
-            seqs, tokens = batch.shape(num_seqs, num_tokens, decode, self.config.scheduler)
-            self.device, outputs = device_step.run(
-                self.device, self.params, plan, self.now(), restores, num_seqs=seqs,
-                num_tokens=tokens,
-                decode=bool(decode), config=self.config, policy=self.policy, impl=self.impl)
+            shape = device_step.StepShape(
+                *batch.shape(num_seqs, num_tokens, decode, self.config.scheduler), bool(decode),
+                device_step.StepShape.of_restores(restores))
+            self.step_shapes.add(shape)
+            self.device, outputs = device_step.run(self.device, self.params, plan, self.now(),
+                                                   restores, **self._static(shape))
             self.inflight = (outputs, self.slot_request.copy())
         return self._collect(previous)
+
+    def compile_steps(self, shapes) -> None:
+        """Compile the fused step for ``shapes`` (``device_step.StepShape``s, e.g. those another
+        engine met: ``step_shapes``) on this engine's device without running it, so that
+        serving them later compiles nothing."""
+        def spec(a, sharding=None):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding or a.sharding,
+                                        weak_type=a.weak_type)
+
+        device, params = jax.tree.map(spec, (self.device, self.params))
+        plan = jax.eval_shape(functools.partial(
+            device_step.schedule, limits=self.config.scheduler, policy=self.policy),
+            device.scheduler, 0.0)[1]
+        plan = jax.tree.map(lambda a: spec(a, transfer.device_sharding(self.device_)), plan)
+        for shape in set(shapes) - self.step_shapes:
+            restores = device_step.padding(self.config, shape.restores, self.device_)
+            device_step.run.lower(device, params, plan, 0.0, restores,
+                                  **self._static(shape)).compile()
+            self.step_shapes.add(shape)
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -373,6 +399,11 @@ class Engine:
         if request.session_id != S.NO_SESSION and not reason.startswith("rejected"):
             self.sessions[request.session_id] = request.prompt + request.output
         self.done.append(RequestOutput(request.request_id, [], True, reason))
+
+    def _static(self, shape: device_step.StepShape) -> dict:
+        """``device_step.run``'s static arguments for a step of ``shape``."""
+        return dict(num_seqs=shape.num_seqs, num_tokens=shape.num_tokens, decode=shape.decode,
+                    config=self.config, policy=self.policy, impl=self.impl)
 
     def _apply_aborts(self) -> None:
         slots = [self.requests[i].slot for i in self.aborting]

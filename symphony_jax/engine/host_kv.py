@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from symphony_jax.config import EngineConfig
+from symphony_jax.engine import device_step
 from symphony_jax.engine.device_step import DeviceState, Restores
 from symphony_jax.memory import transfer
 from symphony_jax.memory.disk_tier import DiskTier, DiskTierError
@@ -68,14 +69,6 @@ class _Copy:
     tokens: int  # tokens the host tier holds once it completes
     transfer: transfer.Transfer
     migrated: bool = False  # from another node: prefetched into free blocks once stored
-
-
-def _restores(group: list[tuple]) -> Restores | None:
-    """One layer group's ``(k, v, slot, first block)`` chunks as the step's ``Restores``."""
-    if not group:
-        return None
-    k, v, slots, first_blocks = zip(*group)
-    return Restores(k, v, jnp.asarray(slots, jnp.int32), jnp.asarray(first_blocks, jnp.int32))
 
 
 class HostKV:
@@ -185,7 +178,7 @@ class HostKV:
         ``block_ids_before``: each slot's cached tokens and block ids before it;
         ``restore_groups``: the upper layer groups each slot restores (0: none); ``sessions``:
         slots holding a session's sequence (written back under retention ``host``);
-        ``idle``: of which those with no request running. Returns each layer group's chunks
+        ``idle``: of which those with no request running. Returns each layer group's ``Restores``
         that the next step loads layer by layer, if any."""
         restoring = {int(s): int(restore_groups[s]) for s in np.flatnonzero(restore_groups)}
         loads = self._restore(device, restoring)
@@ -240,9 +233,20 @@ class HostKV:
             for c in mine:
                 for i, (k, v) in enumerate(zip(c.k, c.v)):
                     by_group[c.first_group + i].append((k, v, slot, c.first_block))
-        if not any(by_group):
+        return self._pack(by_group)
+
+    def _pack(self, by_group: list[list[tuple]]) -> tuple[Restores | None, ...] | None:
+        """Each layer group's ``(k, v, slot, first block)`` chunks copied into one host buffer
+        per group, of a power-of-two number of blocks that every group loaded shares
+        (``StepShape.restores``): the step compiles for that number, not for the chunks."""
+        loaded = [g for g, chunks in enumerate(by_group) if chunks]
+        if not loaded:
             return None
-        return tuple(_restores(group) for group in by_group)
+        most = max(sum(k.shape[2] for k, *_ in chunks) for chunks in by_group)
+        num_blocks = batch.bucket(most, self.config.cache.num_device_blocks)
+        return tuple(None if g < loaded[0] else
+                     device_step.pack(self.config, g, chunks, num_blocks, self.device)
+                     for g, chunks in enumerate(by_group))
 
     def _prefetch(self, scheduler, free_blocks: int):
         """Give free blocks to the sessions to prefetch (``tiers.prefetch``: lower layer groups

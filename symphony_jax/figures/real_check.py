@@ -7,18 +7,21 @@ model is ``Calibrated``, fitted to the steps the real engines recorded
 (``Engine(record_steps=True)``: each step's batch and the time to the next step, with the
 engine's padding of batches to shape buckets) while serving another schedule of the same
 workload (another seed), so the comparison is on requests the fit never saw. Every real run is
-preceded by an untimed one that compiles what it meets. Needs as many JAX devices as nodes
-(``--xla_force_host_platform_device_count``).
+preceded by an untimed one of the same schedule, after which every node compiles the steps any
+node ran; the timed run's clock leaves out what still compiles (``CompileFreeClock``). Needs as
+many JAX devices as nodes (``--xla_force_host_platform_device_count``).
 """
 
 from __future__ import annotations
+
+import time
 
 import jax
 import numpy as np
 
 from symphony_jax import metrics
 from symphony_jax.cluster.cluster import Cluster, ClusterConfig
-from symphony_jax.cluster.replay import replay
+from symphony_jax.cluster.replay import CompileFreeClock, replay
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
 from symphony_jax.figures.common import Figure, table, write
 from symphony_jax.model.params import init_params
@@ -35,6 +38,8 @@ CHAT = ShareGPTLike(mean_input_tokens=48, mean_output_tokens=32, max_context_tok
 THINK = ThinkTime(reading_wpm=7_200, typing_wpm=5_400)  # about 20x a person's
 LINK_BANDWIDTH = 5e9  # B/s: copies between fake CPU devices are memory copies
 METRICS = (("TTFT", metrics.ttft_s), ("TPOT", metrics.tpot_s), ("e2e", metrics.e2e_latency_s))
+COLUMNS = ("nodes", "system", "metric", "real_s", "real_spread", "simulated_s", "error")
+REPEATS = 3  # timed real runs of each case: on shared CPU cores their times vary
 
 
 def schedule_of(seed: int, quick: bool):
@@ -43,17 +48,33 @@ def schedule_of(seed: int, quick: bool):
                        stagger_s=1.0, seed=seed)
 
 
-def serve(schedule, system: str, nodes: int, params, record: bool = False):
-    """The real cluster's records and, with ``record``, its engines' step logs."""
+def serve(schedule, system: str, nodes: int, params, record: bool = False,
+          warm_up: bool = False, clock=time.monotonic):
+    """The real cluster's records and, with ``record``, its engines' step logs. ``warm_up``:
+    then compile on every node the steps any node ran, so that the timed run that follows
+    compiles none (``Cluster.compile_steps``)."""
     devices = jax.devices()
     if len(devices) < nodes:
         raise ValueError(f"real_check: {nodes} nodes need {nodes} JAX devices, found "
                          f"{len(devices)} (set XLA_FLAGS=--xla_force_host_platform_device_count"
                          f"={nodes} before JAX starts)")
     config = ClusterConfig(CONFIG, num_nodes=nodes, devices=tuple(devices[:nodes]))
-    cluster = Cluster(config, system, params, record_steps=record)
+    cluster = Cluster(config, system, params, clock=clock, record_steps=record)
     records = replay(schedule, cluster)
+    if warm_up:
+        cluster.compile_steps()
     return records, [n.engine.step_log for n in cluster.nodes] if record else []
+
+
+def timed(schedule, system: str, nodes: int, params, record: bool = False, repeats: int = 1):
+    """``serve`` ``repeats`` times after a warm-up run of the same schedule, on a
+    ``CompileFreeClock``: each run's records and step logs, and the compilations (count,
+    seconds) the clock left out."""
+    serve(schedule, system, nodes, params, record, warm_up=True)
+    with CompileFreeClock() as clock:
+        runs = [serve(schedule, system, nodes, params, record, clock=clock)
+                for _ in range(repeats)]
+    return runs, (clock.compiles, clock.seconds)
 
 
 def samples_of(logs) -> StepSamples:
@@ -78,40 +99,45 @@ def stats(records) -> dict[str, float]:
 
 def compare(quick: bool, nodes=(1, 2), systems=("recompute", "symphony"),
             progress: bool = False) -> tuple[list[dict], list[str]]:
-    """Rows (nodes, system, metric, real, simulated, error) and a line per fitted model."""
+    """Rows (nodes, system, metric, real: mean over ``REPEATS`` runs and their spread
+    (max - min) / mean, simulated, error against the real mean), and a line per fitted model
+    and per case's real runs."""
     params = init_params(CONFIG.model, jax.random.key(0))
     calibration, evaluation = schedule_of(1, quick), schedule_of(0, quick)
-    rows, fits = [], []
+    rows, notes = [], []
     bar = progress_bar(len(nodes) * len(systems), progress, unit="case")
     for n in nodes:
         logs = []
         for system in systems:
-            serve(calibration, system, n, params, record=True)  # compiles (recording included)
-            logs += serve(calibration, system, n, params, record=True)[1]
+            logs += timed(calibration, system, n, params, record=True)[0][0][1]
         samples = samples_of(logs)
         cost = fit(samples, Geometry.of(CONFIG.model), limits=CONFIG.scheduler)
-        fits.append(f"{n} node(s): fitted to {len(samples)} steps, mean relative error "
-                    f"{cost.fit_error:.1%}")
+        notes.append(f"{n} node(s): fitted to {len(samples)} steps, mean relative error "
+                     f"{cost.fit_error:.1%}")
         sim_config = SimConfig(CONFIG, n, LINK_BANDWIDTH, LINK_BANDWIDTH)
         for system in systems:
-            serve(evaluation, system, n, params)  # compiles
-            real = stats(serve(evaluation, system, n, params)[0])
+            runs, (compiles, seconds) = timed(evaluation, system, n, params, repeats=REPEATS)
+            notes.append(f"{n} node(s), {system}: {REPEATS} real runs, whose clock left out "
+                         f"{compiles} compilations ({seconds:.1f} s)")
+            real = [stats(records) for records, _ in runs]
             sim = stats(simulate(evaluation, system, sim_config, cost))
-            rows += [{"nodes": n, "system": system, "metric": key, "real_s": real[key],
-                      "simulated_s": sim[key], "error": sim[key] / real[key] - 1}
-                     for key in real]
+            for key in sim:
+                values = np.array([r[key] for r in real])
+                mean = float(values.mean())
+                rows.append({"nodes": n, "system": system, "metric": key, "real_s": mean,
+                             "real_spread": float(np.ptp(values)) / mean,
+                             "simulated_s": sim[key], "error": sim[key] / mean - 1})
             bar.update(1)
     bar.close()
-    return rows, fits
+    return rows, notes
 
 
 def run(out, *, quick: bool = False, seed: int = 0, progress: bool = False,
         nodes=(1, 2)) -> Figure:
-    rows, fits = compare(quick, nodes, progress=progress)
+    rows, notes = compare(quick, nodes, progress=progress)
     summary = "\n".join([
         "# Real cluster and simulator on the same workload (tiny model, fake CPU devices)", "",
-        *fits, "", table(rows, ["nodes", "system", "metric", "real_s", "simulated_s",
-                                "error"])])
+        *notes, "", table(rows, COLUMNS)])
 
     def plot(plt):
         means = [r for r in rows if r["metric"].endswith("mean")]

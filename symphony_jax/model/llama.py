@@ -33,13 +33,13 @@ from symphony_jax.model.params import LayerParams, LlamaParams
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockLoads:
-    """K,V blocks of one layer group in host memory that a step copies into the pool layer by
-    layer (layer-wise loading): chunk i is ``k[i], v[i]: [P_g, KVH, n_i, BS, D]``, its blocks
-    going to ``block_ids[offset_i : offset_i + n_i]`` (``i32[sum n_i]``) of the group."""
+    """Blocks of one layer group in host memory that a step copies into the pool layer by layer
+    (layer-wise loading): ``k, v: [P_g, KVH, N, BS, D]``, block i going to ``block_ids[i]`` of
+    the group (an id past the pool's blocks: padding, dropped)."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    block_ids: jax.Array
+    k: jax.Array
+    v: jax.Array
+    block_ids: jax.Array  # i32[N]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -101,9 +101,9 @@ def forward(params: LlamaParams, pool: KVPool, token_ids: jax.Array, layout: Bat
     rows = jnp.asarray(np.asarray(kv_cache.layer_rows(layer_groups), np.int32))
     scale = config.head_dim ** -0.5
 
-    def load(pages, row, chunks, block_ids):
-        to_device = [jax.device_put(c, jax.memory.Space.Device) for c in chunks]
-        return kv_cache.write_blocks(pages, row, jnp.concatenate(to_device, axis=1), block_ids)
+    def load(pages, row, blocks, block_ids):
+        return kv_cache.write_blocks(pages, row, jax.device_put(blocks, jax.memory.Space.Device),
+                                     block_ids)
 
     def layer_step(carry, xs, load_ids=None):
         x, k_pages, v_pages = carry

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from symphony_jax import cli
-from symphony_jax.figures import ablations, figure, load_balance, main_result, redundancy
+from symphony_jax.figures import (ablations, figure, load_balance, main_result, real_check,
+                                  redundancy)
 from symphony_jax.figures.common import SLO_ATTAINMENT, Study
 
 # Two nodes, a minute of users who read and type 20x faster than people.
@@ -55,6 +56,21 @@ def test_main_result_load_balance_and_ablations(tmp_path):
     assert rows[0]["case"] == "symphony" and float(rows[0]["throughput_change"]) == 0
     assert {"no layer-wise loading", "10% missing advisories", "60% false advisories",
             "host tier / 8"} <= {r["case"] for r in rows}
+
+
+def test_real_check_serves_and_simulates_the_same_schedule(tmp_path):
+    """The real cluster (1 node, 3 sessions) and the simulator calibrated on it: every metric
+    of both, and the error between them."""
+    result = real_check.run(tmp_path, quick=True, nodes=(1,), systems=("recompute",),
+                            scale=(3, 2), repeats=2)
+    rows = check_files(result, set(real_check.COLUMNS))
+    assert [r["metric"] for r in rows] == [f"{name} {stat}" for name, _ in real_check.METRICS
+                                          for stat in ("mean", "p90")]
+    for r in rows:
+        real, simulated = float(r["real_s"]), float(r["simulated_s"])
+        assert real > 0 and simulated > 0 and float(r["real_spread"]) >= 0
+        assert float(r["error"]) == pytest.approx(simulated / real - 1)
+    assert "2 real runs" in result.summary and "fitted to" in result.summary
 
 
 @pytest.mark.slow

@@ -42,8 +42,10 @@ COLUMNS = ("nodes", "system", "metric", "real_s", "real_spread", "simulated_s", 
 REPEATS = 3  # timed real runs of each case: on shared CPU cores their times vary
 
 
-def schedule_of(seed: int, quick: bool):
-    sessions, users = (8, 4) if quick else (24, 8)
+def schedule_of(seed: int, quick: bool, scale: tuple[int, int] | None = None):
+    """The closed-loop chat schedule of ``seed``; ``scale``: (sessions, users), by default
+    (8, 4) with ``quick``, else (24, 8)."""
+    sessions, users = scale or ((8, 4) if quick else (24, 8))
     return closed_loop(sharegpt_like(sessions, CHAT, seed=seed), users, think=THINK,
                        stagger_s=1.0, seed=seed)
 
@@ -98,12 +100,14 @@ def stats(records) -> dict[str, float]:
 
 
 def compare(quick: bool, nodes=(1, 2), systems=("recompute", "symphony"),
-            progress: bool = False) -> tuple[list[dict], list[str]]:
-    """Rows (nodes, system, metric, real: mean over ``REPEATS`` runs and their spread
+            progress: bool = False, seed: int = 0, scale: tuple[int, int] | None = None,
+            repeats: int = REPEATS) -> tuple[list[dict], list[str]]:
+    """Rows (nodes, system, metric, real: mean over ``repeats`` runs and their spread
     (max - min) / mean, simulated, error against the real mean), and a line per fitted model
-    and per case's real runs."""
-    params = init_params(CONFIG.model, jax.random.key(0))
-    calibration, evaluation = schedule_of(1, quick), schedule_of(0, quick)
+    and per case's real runs. The schedules: ``schedule_of(seed + 1)`` to calibrate on,
+    ``schedule_of(seed)`` to compare on."""
+    params = init_params(CONFIG.model, jax.random.key(seed))
+    calibration, evaluation = schedule_of(seed + 1, quick, scale), schedule_of(seed, quick, scale)
     rows, notes = [], []
     bar = progress_bar(len(nodes) * len(systems), progress, unit="case")
     for n in nodes:
@@ -116,8 +120,8 @@ def compare(quick: bool, nodes=(1, 2), systems=("recompute", "symphony"),
                      f"{cost.fit_error:.1%}")
         sim_config = SimConfig(CONFIG, n, LINK_BANDWIDTH, LINK_BANDWIDTH)
         for system in systems:
-            runs, (compiles, seconds) = timed(evaluation, system, n, params, repeats=REPEATS)
-            notes.append(f"{n} node(s), {system}: {REPEATS} real runs, whose clock left out "
+            runs, (compiles, seconds) = timed(evaluation, system, n, params, repeats=repeats)
+            notes.append(f"{n} node(s), {system}: {repeats} real runs, whose clock left out "
                          f"{compiles} compilations ({seconds:.1f} s)")
             real = [stats(records) for records, _ in runs]
             sim = stats(simulate(evaluation, system, sim_config, cost))
@@ -132,9 +136,10 @@ def compare(quick: bool, nodes=(1, 2), systems=("recompute", "symphony"),
     return rows, notes
 
 
-def run(out, *, quick: bool = False, seed: int = 0, progress: bool = False,
-        nodes=(1, 2)) -> Figure:
-    rows, notes = compare(quick, nodes, progress=progress)
+def run(out, *, quick: bool = False, seed: int = 0, progress: bool = False, nodes=(1, 2),
+        **options) -> Figure:
+    """``options``: ``compare``'s (systems, scale, repeats)."""
+    rows, notes = compare(quick, nodes, progress=progress, seed=seed, **options)
     summary = "\n".join([
         "# Real cluster and simulator on the same workload (tiny model, fake CPU devices)", "",
         *notes, "", table(rows, COLUMNS)])

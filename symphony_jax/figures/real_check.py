@@ -113,7 +113,8 @@ def compare(quick: bool, nodes=(1, 2), systems=("recompute", "symphony"),
     for n in nodes:
         logs = []
         for system in systems:
-            logs += timed(calibration, system, n, params, record=True)[0][0][1]
+            runs, _ = timed(calibration, system, n, params, record=True)
+            logs += runs[0][1]  # the step logs of its one timed run
         samples = samples_of(logs)
         cost = fit(samples, Geometry.of(CONFIG.model), limits=CONFIG.scheduler)
         notes.append(f"{n} node(s): fitted to {len(samples)} steps, mean relative error "

@@ -12,9 +12,9 @@ with normalized latency as a ratio to ``recompute`` measured in the same run, an
 compilations the timed run's clock left out. CPU timings compare systems with each other
 only. Each system runs in a fresh process (one process
 compiling every system for four devices exhausts the executable mappings XLA:CPU may hold),
-which first serves the schedule once untimed and compiles the steps any node ran on every node
-(``Cluster.compile_steps``); the timed run's clock leaves out what still compiles
-(``CompileFreeClock``): latencies measure serving, not compilation.
+which first serves the schedule once untimed and compiles the steps any node ran on every node;
+the timed run's clock leaves out what still compiles (``replay.timed_replays``): latencies
+measure serving, not compilation.
 
 Usage: ``python experiments/bench/cluster.py [--quick] [--out FILE.md]``.
 """
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 import _report  # noqa: E402  (beside this script)
 from symphony_jax.cluster import SYSTEMS, Cluster, ClusterConfig  # noqa: E402
-from symphony_jax.cluster.replay import CompileFreeClock, replay  # noqa: E402
+from symphony_jax.cluster.replay import timed_replays  # noqa: E402
 from symphony_jax.config import (CacheConfig, EngineConfig, SchedulerConfig,  # noqa: E402
                                  model_preset)
 from symphony_jax.model.params import init_params  # noqa: E402
@@ -65,14 +65,11 @@ def serve(name: str, quick: bool) -> dict[str, float]:
                            stagger_s=1.0, seed=0)
     config = ClusterConfig(CONFIG, num_nodes=NODES, devices=tuple(jax.devices()[:NODES]))
     params = init_params(CONFIG.model, jax.random.key(0))
-    warm_up = Cluster(config, name, params)
-    replay(schedule, warm_up, seed=0)
-    warm_up.compile_steps()
-    with CompileFreeClock() as clock:
-        records = replay(schedule, Cluster(config, name, params, clock=clock), seed=0)
+    [(records, _)], (compiles, _) = timed_replays(
+        schedule, lambda clock: Cluster(config, name, params, clock=clock))
     return {**records.summary(bin_s=0.1), "served_imbalance": served_imbalance(records),
             "migrated_bytes": float(records.transfers.bytes.sum()),
-            "compiles_left_out": clock.compiles}
+            "compiles_left_out": compiles}
 
 
 def report(quick: bool) -> str:

@@ -10,7 +10,8 @@ its turn's output tokens (greedy, end-of-sequence ignored). A rejected request e
 
 Timing a replay: engines compile a step shape when they first meet it, seconds on a CPU. A
 warm-up replay of the same schedule followed by ``Cluster.compile_steps`` compiles most of what
-a timed replay meets; a cluster on a ``CompileFreeClock`` does not count what still compiles.
+a timed replay meets; a cluster on a ``CompileFreeClock`` does not count what still compiles
+(``timed_replays`` does both).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -61,6 +62,24 @@ class CompileFreeClock:
 
     def __exit__(self, *_) -> None:
         jax.monitoring.unregister_event_duration_listener(self._record)
+
+
+def timed_replays(schedule: Schedule, cluster_on: Callable[[Callable[[], float]], Cluster], *,
+                  repeats: int = 1, seed: int = 0,
+                  ) -> tuple[list[tuple[ClusterRecords, Cluster]], tuple[int, float]]:
+    """Replay ``schedule`` once untimed on ``cluster_on(time.monotonic)``, compile on every node
+    the steps any node ran (``Cluster.compile_steps``), then ``repeats`` times on fresh
+    clusters ``cluster_on(clock)`` with a ``CompileFreeClock``. Returns each timed replay's
+    records and cluster, and the compilations (count, seconds) the clock left out."""
+    warm_up = cluster_on(time.monotonic)
+    replay(schedule, warm_up, seed=seed)
+    warm_up.compile_steps()
+    runs = []
+    with CompileFreeClock() as clock:
+        for _ in range(repeats):
+            cluster = cluster_on(clock)
+            runs.append((replay(schedule, cluster, seed=seed), cluster))
+    return runs, (clock.compiles, clock.seconds)
 
 
 def turn_tokens(schedule: Schedule, row: int, vocab_size: int, seed: int = 0) -> list[int]:

@@ -8,20 +8,18 @@ model is ``Calibrated``, fitted to the steps the real engines recorded
 engine's padding of batches to shape buckets) while serving another schedule of the same
 workload (another seed), so the comparison is on requests the fit never saw. Every real run is
 preceded by an untimed one of the same schedule, after which every node compiles the steps any
-node ran; the timed run's clock leaves out what still compiles (``CompileFreeClock``). Needs as
+node ran; the timed run's clock leaves out what still compiles (``replay.timed_replays``). Needs as
 many JAX devices as nodes (``--xla_force_host_platform_device_count``).
 """
 
 from __future__ import annotations
-
-import time
 
 import jax
 import numpy as np
 
 from symphony_jax import metrics
 from symphony_jax.cluster.cluster import Cluster, ClusterConfig
-from symphony_jax.cluster.replay import CompileFreeClock, replay
+from symphony_jax.cluster.replay import timed_replays
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
 from symphony_jax.figures.common import Figure, table, write
 from symphony_jax.model.params import init_params
@@ -50,33 +48,21 @@ def schedule_of(seed: int, quick: bool, scale: tuple[int, int] | None = None):
                        stagger_s=1.0, seed=seed)
 
 
-def serve(schedule, system: str, nodes: int, params, record: bool = False,
-          warm_up: bool = False, clock=time.monotonic):
-    """The real cluster's records and, with ``record``, its engines' step logs. ``warm_up``:
-    then compile on every node the steps any node ran, so that the timed run that follows
-    compiles none (``Cluster.compile_steps``)."""
+def timed(schedule, system: str, nodes: int, params, record: bool = False, repeats: int = 1):
+    """``replay.timed_replays`` of ``schedule`` on the real cluster: each timed run's records
+    and, with ``record``, its engines' step logs; and the compilations (count, seconds) the
+    clock left out."""
     devices = jax.devices()
     if len(devices) < nodes:
         raise ValueError(f"real_check: {nodes} nodes need {nodes} JAX devices, found "
                          f"{len(devices)} (set XLA_FLAGS=--xla_force_host_platform_device_count"
                          f"={nodes} before JAX starts)")
     config = ClusterConfig(CONFIG, num_nodes=nodes, devices=tuple(devices[:nodes]))
-    cluster = Cluster(config, system, params, clock=clock, record_steps=record)
-    records = replay(schedule, cluster)
-    if warm_up:
-        cluster.compile_steps()
-    return records, [n.engine.step_log for n in cluster.nodes] if record else []
-
-
-def timed(schedule, system: str, nodes: int, params, record: bool = False, repeats: int = 1):
-    """``serve`` ``repeats`` times after a warm-up run of the same schedule, on a
-    ``CompileFreeClock``: each run's records and step logs, and the compilations (count,
-    seconds) the clock left out."""
-    serve(schedule, system, nodes, params, record, warm_up=True)
-    with CompileFreeClock() as clock:
-        runs = [serve(schedule, system, nodes, params, record, clock=clock)
-                for _ in range(repeats)]
-    return runs, (clock.compiles, clock.seconds)
+    runs, compiled = timed_replays(
+        schedule, lambda clock: Cluster(config, system, params, clock=clock,
+                                        record_steps=record), repeats=repeats)
+    return [(records, [n.engine.step_log for n in cluster.nodes] if record else [])
+            for records, cluster in runs], compiled
 
 
 def samples_of(logs) -> StepSamples:

@@ -253,12 +253,18 @@ def test_gpu_specs_are_validated_and_looked_up_by_name():
 
 
 def synthetic(seed: int, n: int, coefficients=TRUE, noise: float = 0.01,
-              limits=None) -> StepSamples:
+              limits=None, admission_s: float = 0.0) -> StepSamples:
+    """Steps timed by ``coefficients`` with relative Gaussian ``noise``; with ``admission_s``,
+    some are followed by 1 to 4 admissions, each costing that much, and their report lags are
+    0.5 to 1.5 ms (else unknown)."""
     q, c = random_steps(seed, n)
     x = np.asarray(features(TINY_GEOMETRY, q, c, limits), np.float64)
     rng = np.random.default_rng(seed + 1)
-    seconds = x @ np.asarray(coefficients) * (1 + noise * rng.standard_normal(n))
-    return StepSamples(q, c, seconds)
+    admitted = np.where(rng.random(n) < 0.3, rng.integers(1, 5, n), 0) if admission_s else None
+    lags = rng.uniform(0.5e-3, 1.5e-3, n) if admission_s else None
+    seconds = (x @ np.asarray(coefficients) + (admitted if admission_s else 0) * admission_s
+               ) * (1 + noise * rng.standard_normal(n))
+    return StepSamples(q, c, seconds, admitted, lags)
 
 
 @pytest.mark.parametrize("limits", [None, LIMITS])
@@ -271,6 +277,20 @@ def test_fit_recovers_known_coefficients_from_noisy_samples(limits):
     assert relative_errors(model, held_out).mean() < 0.012
     assert model.limits == limits
     hash(model)  # a static argument to jax.jit
+
+
+def test_fit_recovers_the_admission_cost_and_the_mean_report_lag():
+    samples = synthetic(3, 300, limits=LIMITS, admission_s=2e-3)
+    model = fit(samples, TINY_GEOMETRY, LIMITS)
+    np.testing.assert_allclose(model.coefficients, TRUE, rtol=0.05)
+    assert model.admission_s == pytest.approx(2e-3, rel=0.05)
+    assert model.report_s == pytest.approx(samples.report_lags.mean())
+    assert model.fit_error < 0.012
+    # Without the admissions, their cost is noise no step feature explains.
+    blind = fit(dataclasses.replace(samples, admitted=None), TINY_GEOMETRY, LIMITS)
+    assert blind.admission_s == 0.0 and blind.fit_error > 3 * model.fit_error
+    # No lag known (a profile of isolated steps): no report delay.
+    assert fit(synthetic(3, 300, limits=LIMITS), TINY_GEOMETRY, LIMITS).report_s == 0.0
 
 
 def test_calibrated_with_limits_charges_padding():
@@ -296,13 +316,19 @@ def test_fit_rejects_bad_samples():
     seconds = np.full(10, 1e-3)
     cases = [
         (lambda: StepSamples(q, c[:, :4], seconds), r"StepSamples\.context_lens.*shape"),
-        (lambda: StepSamples(q, c, seconds[:9]), r"StepSamples\.seconds.*one time per step"),
+        (lambda: StepSamples(q, c, seconds[:9]), r"StepSamples\.seconds.*one value per step"),
         (lambda: StepSamples(q, -c, seconds), r"StepSamples\.context_lens.*\[0, 2\*\*31\)"),
         (lambda: StepSamples(-q, c, seconds), r"StepSamples\.query_lens"),
         (lambda: StepSamples(q, c, np.where(np.arange(10) == 2, np.nan, seconds)),
          r"StepSamples\.seconds.*finite times > 0"),
         (lambda: StepSamples(q.astype(float), c, seconds), r"StepSamples\.query_lens.*integers"),
         (lambda: StepSamples(np.zeros_like(q), c, seconds), r"StepSamples\.query_lens.*step 0"),
+        (lambda: StepSamples(q, c, seconds, np.ones(9, int)),
+         r"StepSamples\.admitted.*one value per step"),
+        (lambda: StepSamples(q, c, seconds, -np.ones(10, int)),
+         r"StepSamples\.admitted.*\[0, 2\*\*31\)"),
+        (lambda: StepSamples(q, c, seconds, None, np.full(10, -1e-3)),
+         r"StepSamples\.report_lags.*finite times >= 0 or nan"),
         (lambda: fit(StepSamples(q[:4], c[:4], seconds[:4]), TINY_GEOMETRY),
          r"StepSamples\.seconds has 4 samples, expected at least 5"),
         (lambda: fit((q, c, seconds), TINY_GEOMETRY), "expected a StepSamples"),
@@ -319,20 +345,27 @@ def test_calibrated_rejects_bad_coefficients():
         Calibrated(TINY_GEOMETRY, (-1.0, *TRUE[1:]), 0.0)
     with pytest.raises(ValueError, match=r"Calibrated\.limits"):
         Calibrated(TINY_GEOMETRY, TRUE, 0.0, limits=8)
+    for field in ("admission_s", "report_s"):
+        with pytest.raises(ValueError, match=rf"Calibrated\.{field}=-0\.1: expected a finite"):
+            Calibrated(TINY_GEOMETRY, TRUE, 0.0, **{field: -0.1})
+        with pytest.raises(ValueError, match=rf"Roofline\.{field}=inf: expected a finite"):
+            Roofline(LLAMA, gpu("H100-80GB"), **{field: float("inf")})
 
 
 # ------------------------------------------------------------------------------- profiles
 
 
 def test_profile_round_trip(tmp_path):
-    samples = synthetic(7, 12)
+    samples = synthetic(7, 12, admission_s=1e-3)
+    samples.report_lags[::3] = np.nan  # unknown: written as null
     meta = {"device": "cpu", "jax": jax.__version__, "model": "tiny", "quick": True}
     path = tmp_path / "profile.json"
     save_profile(path, samples, meta)
+    assert json.loads(path.read_text())["report_lags"][0] is None
     loaded, loaded_meta = load_profile(path)
     assert loaded_meta == meta
-    for field in ("query_lens", "context_lens", "seconds"):
-        np.testing.assert_array_equal(getattr(loaded, field), getattr(samples, field))
+    for field in dataclasses.fields(StepSamples):
+        np.testing.assert_array_equal(getattr(loaded, field.name), getattr(samples, field.name))
     assert fit(loaded, TINY_GEOMETRY) == fit(samples, TINY_GEOMETRY)
 
 
@@ -345,6 +378,7 @@ def test_bad_profiles_are_rejected_naming_the_file(tmp_path):
         "keys.json": json.dumps({k: v for k, v in good.items() if k != "meta"}),
         "ragged.json": json.dumps({**good, "query_lens": [[1, 2], [1]]}),
         "shape.json": json.dumps({**good, "seconds": good["seconds"][:-1]}),
+        "lags.json": json.dumps({**good, "report_lags": ["soon"] * len(good["seconds"])}),
     }
     for name, text in bad.items():
         path = tmp_path / name

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from symphony_jax import cli
+from symphony_jax.engine.engine import StepRecord
 from symphony_jax.figures import (ablations, figure, load_balance, main_result, real_check,
                                   redundancy)
 from symphony_jax.figures.common import SLO_ATTAINMENT, Study
@@ -56,6 +57,16 @@ def test_main_result_load_balance_and_ablations(tmp_path):
     assert rows[0]["case"] == "symphony" and float(rows[0]["throughput_change"]) == 0
     assert {"no layer-wise loading", "10% missing advisories", "60% false advisories",
             "host tier / 8"} <= {r["case"] for r in rows}
+
+
+def test_real_check_times_each_step_to_the_next_with_the_admissions_before_it():
+    busy, idle, none = np.array([1, 3]), np.array([0, 0]), np.array([5, 0])
+    log = [StepRecord(0.00, busy, none, 0, 0.012), StepRecord(0.01, idle, none, 2),
+           StepRecord(0.02, busy, none, 1, 0.035), StepRecord(0.03, busy, none, 0)]
+    samples = real_check.samples_of([log, log[:1]])
+    np.testing.assert_allclose(samples.seconds, [0.01, 0.01])  # the idle and last steps: none
+    np.testing.assert_array_equal(samples.admitted, [2, 0])
+    np.testing.assert_allclose(samples.report_lags, [0.002, 0.005])
 
 
 def test_real_check_serves_and_simulates_the_same_schedule(tmp_path):

@@ -32,6 +32,8 @@ class Linear:
 
     per_step: float = 1e-3
     per_token: float = 1e-5
+    admission_s: float = 0.0
+    report_s: float = 0.0
 
     def step_time(self, query_lens, context_lens):
         return self.per_step + self.per_token * jnp.sum(query_lens).astype(jnp.float32)
@@ -88,19 +90,22 @@ def test_network_rejects_bad_links_and_backwards_time():
 
 # ------------------------------------------------------------------ one request by hand
 
-def test_a_single_request_takes_the_cost_models_sum():
-    """One 40-token prompt, 5 output tokens, chunks of 16 tokens: 3 prefill steps (16, 16, 8
-    tokens; the last samples the first token) and 4 decode steps."""
+@pytest.mark.parametrize("host", [(0.0, 0.0), (3e-4, 2e-4)])
+def test_a_single_request_takes_the_cost_models_sum(host):
+    """One 40-token prompt, 5 output tokens, chunks of 16 tokens: its admission, 3 prefill
+    steps (16, 16, 8 tokens; the last samples the first token), 4 decode steps; its tokens
+    reported ``report_s`` after their step."""
     config = dataclasses.replace(CONFIG, scheduler=dataclasses.replace(
         CONFIG.scheduler, max_num_batched_tokens=16))
     w = Workload(session_id=[0], input_tokens=[40], output_tokens=[5], arrival_s=[0.25])
-    cost = Linear()
+    cost = Linear(admission_s=host[0], report_s=host[1])
     records = simulate(open_loop(w), "recompute", SimConfig(config, 1), cost)
     r = records.requests
     prefill = 3 * cost.per_step + 40 * cost.per_token
     decode = 4 * (cost.per_step + cost.per_token)
-    assert r.first_token_s[0] == pytest.approx(0.25 + prefill, rel=1e-5)
-    assert r.finish_s[0] == pytest.approx(0.25 + prefill + decode, rel=1e-5)
+    start = 0.25 + cost.admission_s
+    assert r.first_token_s[0] == pytest.approx(start + prefill + cost.report_s, rel=1e-5)
+    assert r.finish_s[0] == pytest.approx(start + prefill + decode + cost.report_s, rel=1e-5)
     assert (r.prefill_tokens[0], r.output_tokens[0], r.node[0]) == (40, 5, 0)
 
 
@@ -225,7 +230,13 @@ def test_same_batching_decisions_as_the_real_engine():
                            session_id=i)
     while engine.has_unfinished():
         engine.step()
-    engine_plans = [(q, c) for _, q, c in engine.step_log if q.any()]
+    log = engine.step_log
+    engine_plans = [(s.query_lens, s.context_lens) for s in log if s.query_lens.any()]
+    # The log also says what a cost model's host terms are fitted to: all twelve taken in
+    # before the first step, and each step's outputs read after the next one was scheduled.
+    assert [s.admitted for s in log] == [12] + [0] * (len(log) - 1)
+    assert all(a.time_s <= b.time_s <= a.reported_s for a, b in zip(log, log[1:])
+               if a.query_lens.any())
 
     from symphony_jax.scheduler.policy import Policy
     from symphony_jax.sim.node import SimNode, SimRequest

@@ -10,7 +10,9 @@ directly in the scheduler's state (its requests admitted, their contexts' blocks
 values do not change timings), every shape bucket is compiled by warm-up steps before any is
 timed, and the batches are timed in a random order. A sample is the fastest of 3 steps of
 its batch run back to back (the machine may be shared: a slower step timed another process
-too); it records the plan's query lengths and each slot's cached tokens before the step.
+too); it records the plan's query lengths and each slot's cached tokens before the step. Steps
+run in isolation admit nothing and report to no one: a model fitted to them has no host terms
+(``admission_s`` and ``report_s`` are 0; ``Engine(record_steps=True)`` measures them).
 
 ``Calibrated`` (with the engine's limits: steps counted padded to its shape buckets) is fitted
 to the samples of a random 70% of the batch compositions and judged on the samples of the

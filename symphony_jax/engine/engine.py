@@ -70,6 +70,17 @@ class Residency:
 
 
 @dataclasses.dataclass
+class StepRecord:
+    """A step as ``Engine(record_steps=True)`` keeps it in ``step_log`` (R slots)."""
+
+    time_s: float  # when it was scheduled, after the admissions just before it
+    query_lens: np.ndarray  # i32[R]  tokens each slot computes
+    context_lens: np.ndarray  # i32[R]  tokens each slot had cached before it
+    admitted: int  # requests taken in (admitted or rejected) just before it
+    reported_s: float = float("nan")  # when the host read its outputs (nan: not run, or not yet)
+
+
+@dataclasses.dataclass
 class _Request:
     request_id: int
     prompt: list[int]  # history (its session's tokens so far) and the new tokens
@@ -97,8 +108,8 @@ class Engine:
                  clock: Callable[[], float] = time.monotonic, start: float | None = None,
                  disk_dir: str | None = None, record_steps: bool = False):
         """``clock`` (seconds) times requests from ``start`` (default: now); engines of a
-        cluster share both. ``record_steps``: keep each step's batch in ``step_log`` (for
-        calibrating a cost model; no extra host reads while running)."""
+        cluster share both. ``record_steps``: keep each step's ``StepRecord`` in ``step_log``
+        (for calibrating a cost model; no extra host reads while running)."""
         self.config, self.policy, self.tokenizer, self.impl = config, policy, tokenizer, impl
         self.eos_token_ids = tuple(eos_token_ids or getattr(tokenizer, "eos_token_ids", ()))
         self.admit_batch, self.max_stop_ids, self.clock = admit_batch, max_stop_ids, clock
@@ -128,13 +139,11 @@ class Engine:
         self.unfinished = 0
         self.pending: list[_Request] = []
         self.aborting: list[int] = []
-        self.inflight = None  # the last dispatched step's outputs and slot owners
+        self.inflight = None  # the last dispatched step's outputs, slot owners and record
         self.ids = itertools.count()
         self.done: list[RequestOutput] = []  # outputs decided on the host, not yet returned
-        # With record_steps, every step: (time scheduled, query lengths i32[R], context
-        # lengths i32[R]); a step's duration is the time to the next one.
-        self.step_log: list[tuple[float, np.ndarray, np.ndarray]] | None = (
-            [] if record_steps else None)
+        # With record_steps, every step's record; a step's duration is the time to the next.
+        self.step_log: list[StepRecord] | None = [] if record_steps else None
         self.step_shapes: set[device_step.StepShape] = set()  # steps run (or compiled)
 
     # ---------------------------------------------------------------- the online API
@@ -199,7 +208,7 @@ class Engine:
         self._apply_aborts()
         if self.host is not None:
             self.device = self.host.poll(self.device, self.free_blocks)
-        self._admit()
+        admitted = self._admit()
         recording = self.step_log is not None
         scheduler, plan, counts, block_ids = device_step.schedule(
             self.device.scheduler, self.now(), limits=self.config.scheduler, policy=self.policy,
@@ -208,8 +217,10 @@ class Engine:
         counts = np.asarray(counts)
         num_seqs, num_tokens, decode, self.free_blocks = counts[:NUM_COUNTS].tolist()
         R = self.config.scheduler.slots
+        record = None
         if recording:
-            self.step_log.append((self.now(), *counts[-2 * R:].reshape(2, R)))
+            record = StepRecord(self.now(), *counts[-2 * R:].reshape(2, R), admitted)
+            self.step_log.append(record)
         restores = None
         if self.host is not None:
             tokens, offloads, restoring = counts[NUM_COUNTS:NUM_COUNTS + 3 * R].reshape(3, -1)
@@ -224,7 +235,7 @@ class Engine:
             self.step_shapes.add(shape)
             self.device, outputs = device_step.run(self.device, self.params, plan, self.now(),
                                                    restores, **self._static(shape))
-            self.inflight = (outputs, self.slot_request.copy())
+            self.inflight = (outputs, self.slot_request.copy(), record)
         return self._collect(previous)
 
     def compile_steps(self, shapes) -> None:
@@ -427,13 +438,14 @@ class Engine:
         return any(self.host.busy(int(slot))
                    for slot in np.flatnonzero(self.slot_session == request.session_id))
 
-    def _admit(self) -> None:
+    def _admit(self) -> int:
+        """Admit what waits (up to ``admit_batch`` requests); returns how many it took in."""
         batch, held = [], []
         for r in self.pending:
             (held if len(batch) == self.admit_batch or self._held(r) else batch).append(r)
         self.pending = held
         if not batch:
-            return
+            return 0
         n, width = self.admit_batch, self.config.scheduler.max_model_len
         prompts = np.zeros((n, width), np.int32)
         for i, r in enumerate(batch):
@@ -464,15 +476,18 @@ class Engine:
                 self._finish(r, f"rejected: {S.REASONS[reason]}")
         if self.host is not None:
             self.device = self.host.admitted(self.device, admitted)
+        return len(batch)
 
     def _collect(self, inflight) -> list[RequestOutput]:
         """Outputs of a dispatched step (already complete or nearly), and host decisions."""
         outputs, self.done = self.done, []
         if inflight is None:
             return outputs
-        step_outputs, owners = inflight
+        step_outputs, owners, record = inflight
         sequences, counters = jax.device_get((step_outputs.sequences, step_outputs.counters))
         now = self.now()
+        if record is not None:
+            record.reported_s = now
         for slot, token, sampled in sequences[[SLOT, TOKEN, SAMPLED]].T.tolist():
             if sampled and slot < len(owners) and owners[slot] >= 0:
                 request = self.requests[int(owners[slot])]

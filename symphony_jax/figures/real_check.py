@@ -3,13 +3,14 @@ the ``tiny`` model) next to the simulator on the same workload.
 
 The real cluster serves a closed-loop chat schedule in real time; the simulator — the same
 scheduler and placement, a cost model instead of the model — serves the same schedule. Its cost
-model is ``Calibrated``, fitted to the steps the real engines recorded
-(``Engine(record_steps=True)``: each step's batch and the time to the next step, with the
-engine's padding of batches to shape buckets) while serving another schedule of the same
+model is ``Calibrated``, fitted to the steps the real engines of the same case (system and nodes)
+recorded (``Engine(record_steps=True)``: each step's batch, the time to the next step and the
+admissions before it, with the engine's padding of batches to shape buckets, and when its
+tokens were read) in as many timed runs as the comparison has, on another schedule of the same
 workload (another seed), so the comparison is on requests the fit never saw. Every real run is
 preceded by an untimed one of the same schedule, after which every node compiles the steps any
-node ran; the timed run's clock leaves out what still compiles (``replay.timed_replays``). Needs as
-many JAX devices as nodes (``--xla_force_host_platform_device_count``).
+node ran; the timed run's clock leaves out what still compiles (``replay.timed_replays``). Needs
+as many JAX devices as nodes (``--xla_force_host_platform_device_count``).
 """
 
 from __future__ import annotations
@@ -66,14 +67,15 @@ def timed(schedule, system: str, nodes: int, params, record: bool = False, repea
 
 
 def samples_of(logs) -> StepSamples:
-    """Each logged step that computed something, timed to its engine's next step."""
-    q, c, s = [], [], []
-    for log in logs:
-        times = np.array([t for t, _, _ in log])
-        for (_, query, context), seconds in zip(log[:-1], np.diff(times)):
-            if query.any():
-                q.append(query), c.append(context), s.append(seconds)
-    return StepSamples(np.stack(q), np.stack(c), np.asarray(s))
+    """Each step of the engines' ``step_log``s that computed something, timed to its engine's
+    next step (the admissions just before it included), and the lag from then until the
+    step's outputs were read."""
+    rows = [(a.query_lens, a.context_lens, b.time_s - a.time_s, b.admitted,
+             a.reported_s - b.time_s)
+            for log in logs for a, b in zip(log, log[1:]) if a.query_lens.any()]
+    q, c, seconds, admitted, lags = zip(*rows)
+    return StepSamples(np.stack(q), np.stack(c), np.asarray(seconds), np.asarray(admitted),
+                       np.asarray(lags))
 
 
 def stats(records) -> dict[str, float]:
@@ -89,27 +91,26 @@ def compare(quick: bool, nodes=(1, 2), systems=("recompute", "symphony"),
             progress: bool = False, seed: int = 0, scale: tuple[int, int] | None = None,
             repeats: int = REPEATS) -> tuple[list[dict], list[str]]:
     """Rows (nodes, system, metric, real: mean over ``repeats`` runs and their spread
-    (max - min) / mean, simulated, error against the real mean), and a line per fitted model
-    and per case's real runs. The schedules: ``schedule_of(seed + 1)`` to calibrate on,
-    ``schedule_of(seed)`` to compare on."""
+    (max - min) / mean, simulated, error against the real mean), and a line per case (its
+    fitted model and real runs). The schedules: ``schedule_of(seed + 1)`` to calibrate on (the
+    steps of ``repeats`` runs), ``schedule_of(seed)`` to compare on."""
     params = init_params(CONFIG.model, jax.random.key(seed))
     calibration, evaluation = schedule_of(seed + 1, quick, scale), schedule_of(seed, quick, scale)
     rows, notes = [], []
     bar = progress_bar(len(nodes) * len(systems), progress, unit="case")
     for n in nodes:
-        logs = []
-        for system in systems:
-            runs, _ = timed(calibration, system, n, params, record=True)
-            logs += runs[0][1]  # the step logs of its one timed run
-        samples = samples_of(logs)
-        cost = fit(samples, Geometry.of(CONFIG.model), limits=CONFIG.scheduler)
-        notes.append(f"{n} node(s): fitted to {len(samples)} steps, mean relative error "
-                     f"{cost.fit_error:.1%}")
         sim_config = SimConfig(CONFIG, n, LINK_BANDWIDTH, LINK_BANDWIDTH)
         for system in systems:
+            calibration_runs, _ = timed(calibration, system, n, params, record=True,
+                                        repeats=repeats)
+            samples = samples_of([log for _, logs in calibration_runs for log in logs])
+            cost = fit(samples, Geometry.of(CONFIG.model), limits=CONFIG.scheduler)
             runs, (compiles, seconds) = timed(evaluation, system, n, params, repeats=repeats)
-            notes.append(f"{n} node(s), {system}: {repeats} real runs, whose clock left out "
-                         f"{compiles} compilations ({seconds:.1f} s)")
+            notes.append(
+                f"{n} node(s), {system}: fitted to {len(samples)} steps (mean relative error "
+                f"{cost.fit_error:.1%}; {1e3 * cost.admission_s:.2f} ms per admission, "
+                f"{1e3 * cost.report_s:.2f} ms report lag); {repeats} real runs, whose clock "
+                f"left out {compiles} compilations ({seconds:.1f} s)")
             real = [stats(records) for records, _ in runs]
             sim = stats(simulate(evaluation, system, sim_config, cost))
             for key in sim:

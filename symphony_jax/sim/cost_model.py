@@ -8,6 +8,12 @@ one token. A cost model's ``step_time(query_lens, context_lens)`` is written in 
 simulator can call it inside ``jax.lax.while_loop``; a step that schedules nothing takes 0 s.
 Cost models are frozen, hashable dataclasses: they pass to ``jax.jit`` as static arguments.
 
+Two host costs outside a step come with every model, as fields: ``admission_s``, the seconds of
+host work to take in one request (the simulator adds them to its node's clock before the step
+that admits it), and ``report_s``, the delay from a step's end until the host has read its
+tokens (an engine reads a step's outputs after dispatching the next one: the simulator reports
+first tokens and finishes that much after the step).
+
 Two models:
 
 - ``Roofline``: data-sheet peaks (``hardware.GPU``) scaled by efficiency factors — a step takes
@@ -181,6 +187,14 @@ def _check_fraction(obj: Any, *fields: str) -> None:
             _fail(obj, field, value, "a number in (0, 1]")
 
 
+def _check_seconds(obj: Any, *fields: str) -> None:
+    for field in fields:
+        value = getattr(obj, field)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not 0 <= value < float("inf")):
+            _fail(obj, field, value, "a finite number >= 0")
+
+
 def _check_type(obj: Any, field: str, cls: type) -> None:
     if not isinstance(getattr(obj, field), cls):
         _fail(obj, field, getattr(obj, field), f"a {cls.__name__}")
@@ -192,7 +206,8 @@ class Roofline:
 
     Defaults: dense prefill reaches about half of the tensor-core peak in serving engines,
     decode about three quarters of HBM bandwidth; ``overhead_s`` is the per-step work outside
-    the kernels (scheduling, launches, sampling, host reads).
+    the kernels (scheduling, launches, sampling, host reads). ``admission_s`` and ``report_s``
+    (see the module doc) are 0: a data sheet says nothing of them; calibrate to learn them.
     """
 
     geometry: Geometry
@@ -200,14 +215,14 @@ class Roofline:
     compute_efficiency: float = 0.55
     memory_efficiency: float = 0.75
     overhead_s: float = 300e-6
+    admission_s: float = 0.0
+    report_s: float = 0.0
 
     def __post_init__(self):
         _check_type(self, "geometry", Geometry)
         _check_type(self, "gpu", GPU)
         _check_fraction(self, "compute_efficiency", "memory_efficiency")
-        if (isinstance(self.overhead_s, bool) or not isinstance(self.overhead_s, (int, float))
-                or not 0 <= self.overhead_s < float("inf")):
-            _fail(self, "overhead_s", self.overhead_s, "a finite number >= 0")
+        _check_seconds(self, "overhead_s", "admission_s", "report_s")
 
     def compute_time(self, query_lens, context_lens) -> jax.Array:
         """f32[...]: seconds of the step's FLOPs at the effective peak."""
@@ -260,12 +275,15 @@ class Calibrated:
     """Step time as ``features(...) @ coefficients`` (seconds per unit of each of ``FEATURES``,
     all >= 0), fitted by ``fit``; ``fit_error`` is its mean absolute relative error on the
     samples it was fitted to. ``limits``: the measured engine's scheduler limits, to count
-    steps as padded to its shape buckets (None: as scheduled)."""
+    steps as padded to its shape buckets (None: as scheduled). ``admission_s`` and
+    ``report_s``: the host costs of the module doc, fitted and measured by ``fit``."""
 
     geometry: Geometry
     coefficients: tuple[float, ...]
     fit_error: float
     limits: SchedulerConfig | None = None
+    admission_s: float = 0.0
+    report_s: float = 0.0
 
     def __post_init__(self):
         _check_type(self, "geometry", Geometry)
@@ -278,6 +296,7 @@ class Calibrated:
                   f"a tuple of {len(FEATURES)} finite floats >= 0 ({', '.join(FEATURES)})")
         if not isinstance(self.fit_error, float) or not self.fit_error >= 0:
             _fail(self, "fit_error", self.fit_error, "a float >= 0")
+        _check_seconds(self, "admission_s", "report_s")
 
     def step_time(self, query_lens, context_lens) -> jax.Array:
         """f32[...]: seconds of a step (0 if it schedules nothing)."""
@@ -295,21 +314,35 @@ class Calibrated:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StepSamples:
-    """Measured engine steps (N steps, R slots), each scheduling at least one token."""
+    """Measured engine steps (N steps, R slots), each scheduling at least one token. A step's
+    time runs to the next step's scheduling, so it holds the host work between the two: taking
+    in the requests the next step admits (``admitted``) among it."""
 
     query_lens: np.ndarray  # i32[N, R]  tokens each slot computed
     context_lens: np.ndarray  # i32[N, R]  tokens each slot had cached before the step
     seconds: np.ndarray  # f64[N]  the step's wall time
+    admitted: np.ndarray | None = None  # i32[N]  requests taken in before the next step
+    #                                           (None: 0)
+    report_lags: np.ndarray | None = None  # f64[N]  from the step's end until the host read
+    #                                              its outputs (nan: unknown; None: all)
 
     def __post_init__(self):
         q = self._array("query_lens", 2, "i")
         c = self._array("context_lens", 2, "i")
         s = self._array("seconds", 1, "f")
+        n = len(s)
+        if self.admitted is None:
+            object.__setattr__(self, "admitted", np.zeros(n, np.int32))
+        if self.report_lags is None:
+            object.__setattr__(self, "report_lags", np.full(n, np.nan))
+        a = self._array("admitted", 1, "i")
+        lags = self._array("report_lags", 1, "f")
         if c.shape != q.shape:
             self._fail("context_lens", f"shape {c.shape}", f"query_lens' shape {q.shape}")
-        if s.shape != q.shape[:1]:
-            self._fail("seconds", f"shape {s.shape}", f"one time per step, shape {q.shape[:1]}")
-        for name, x in (("query_lens", q), ("context_lens", c)):
+        for name, x in (("seconds", s), ("admitted", a), ("report_lags", lags)):
+            if x.shape != q.shape[:1]:
+                self._fail(name, f"shape {x.shape}", f"one value per step, shape {q.shape[:1]}")
+        for name, x in (("query_lens", q), ("context_lens", c), ("admitted", a)):
             if x.size and not 0 <= x.min() <= x.max() < 2**31:
                 self._fail(name, f"values in [{x.min()}, {x.max()}]", "integers in [0, 2**31)")
         empty = ~(q > 0).any(axis=1)
@@ -319,8 +352,12 @@ class StepSamples:
         bad = ~(np.isfinite(s) & (s > 0))
         if bad.any():
             self._fail("seconds", f"{s[bad][:3].tolist()}", "finite times > 0")
+        bad = ~(np.isnan(lags) | (np.isfinite(lags) & (lags >= 0)))
+        if bad.any():
+            self._fail("report_lags", f"{lags[bad][:3].tolist()}", "finite times >= 0 or nan")
         for name, x in (("query_lens", q.astype(np.int32)), ("context_lens", c.astype(np.int32)),
-                        ("seconds", s.astype(np.float64))):
+                        ("seconds", s.astype(np.float64)), ("admitted", a.astype(np.int32)),
+                        ("report_lags", lags.astype(np.float64))):
             object.__setattr__(self, name, x)
 
     @staticmethod
@@ -344,13 +381,18 @@ class StepSamples:
 
     def take(self, index) -> StepSamples:
         """The samples at ``index`` (an integer array or a boolean mask)."""
-        return StepSamples(self.query_lens[index], self.context_lens[index], self.seconds[index])
+        return StepSamples(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+
+def predicted_seconds(model, samples: StepSamples) -> np.ndarray:
+    """f64[N]: a cost model's time of each sample: its step and the admissions after it."""
+    step = np.asarray(model.step_time(samples.query_lens, samples.context_lens), np.float64)
+    return step + samples.admitted * model.admission_s
 
 
 def relative_errors(model, samples: StepSamples) -> np.ndarray:
     """f64[N]: |predicted - measured| / measured of a cost model on each sample."""
-    predicted = np.asarray(model.step_time(samples.query_lens, samples.context_lens), np.float64)
-    return np.abs(predicted - samples.seconds) / samples.seconds
+    return np.abs(predicted_seconds(model, samples) - samples.seconds) / samples.seconds
 
 
 def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -380,6 +422,11 @@ def fit(samples: StepSamples, geometry: Geometry,
     Least squares of *relative* errors (each row divided by its measured time: step times span
     orders of magnitude, and a model should be as good on a decode step as on a long prefill),
     coefficients constrained >= 0 (each is a physical cost), on columns scaled to unit norm.
+    ``admission_s`` is fitted with them, as the coefficient of ``samples.admitted``. All are
+    then scaled so that the samples' predicted total is their measured total: relative errors
+    weigh a fast sample more than a slow one of the same batch, so with noisy times (a shared
+    machine) their least squares predict below the mean, and the simulator's latencies are sums
+    of step times. ``report_s`` is the mean of the measured ``report_lags`` (0 if none is known).
     """
     if not isinstance(samples, StepSamples):
         raise ValueError(f"fit: samples={type(samples).__name__}, expected a StepSamples")
@@ -392,28 +439,33 @@ def fit(samples: StepSamples, geometry: Geometry,
                          f"least {len(FEATURES)} (one per feature: {', '.join(FEATURES)})")
     x = np.asarray(features(geometry, samples.query_lens, samples.context_lens, limits),
                    np.float64)
+    x = np.concatenate([x, samples.admitted[:, None]], axis=1)
     a = x / samples.seconds[:, None]
     scale = np.linalg.norm(a, axis=0)
     scale[scale == 0] = 1.0
-    coefficients = _nnls(a / scale, np.ones(len(samples))) / scale
-    model = Calibrated(geometry, tuple(float(v) for v in coefficients), 0.0, limits)
+    solution = _nnls(a / scale, np.ones(len(samples))) / scale
+    *coefficients, admission_s = (solution * samples.seconds.sum() / (x @ solution).sum()).tolist()
+    lags = samples.report_lags[~np.isnan(samples.report_lags)]
+    model = Calibrated(geometry, tuple(coefficients), 0.0, limits, admission_s,
+                       float(lags.mean()) if len(lags) else 0.0)
     return dataclasses.replace(model, fit_error=float(relative_errors(model, samples).mean()))
 
 
 # ------------------------------------------------------------------------- profiles on disk
 
-PROFILE_KEYS = ("meta", "seconds", "query_lens", "context_lens")
+PROFILE_KEYS = ("meta", "seconds", "query_lens", "context_lens", "admitted", "report_lags")
 
 
 def save_profile(path: str | os.PathLike, samples: StepSamples, meta: dict[str, Any]) -> None:
     """Write measured steps and ``meta`` (device, JAX version, date, model, engine config) as
-    JSON, one step per line in the length arrays."""
+    JSON, one step per line in the length arrays (an unknown report lag as null)."""
     if not isinstance(samples, StepSamples):
         raise ValueError(f"save_profile: samples={type(samples).__name__}, expected a "
                          "StepSamples")
     if not isinstance(meta, dict):
         raise ValueError(f"save_profile: meta={meta!r}, expected a dict")
     rows = lambda x: "[\n" + ",\n".join(f"  {json.dumps(r)}" for r in x.tolist()) + "\n ]"
+    lags = [None if np.isnan(v) else v for v in samples.report_lags.tolist()]
     try:
         meta_text = json.dumps(meta, indent=1, sort_keys=True).replace("\n", "\n ")
     except (TypeError, ValueError) as e:
@@ -421,7 +473,9 @@ def save_profile(path: str | os.PathLike, samples: StepSamples, meta: dict[str, 
     text = (f'{{\n "meta": {meta_text},\n'
             f' "seconds": {json.dumps(samples.seconds.tolist())},\n'
             f' "query_lens": {rows(samples.query_lens)},\n'
-            f' "context_lens": {rows(samples.context_lens)}\n}}\n')
+            f' "context_lens": {rows(samples.context_lens)},\n'
+            f' "admitted": {json.dumps(samples.admitted.tolist())},\n'
+            f' "report_lags": {json.dumps(lags)}\n}}\n')
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -441,7 +495,11 @@ def load_profile(path: str | os.PathLike) -> tuple[StepSamples, dict[str, Any]]:
             or not isinstance(data["meta"], dict)):
         raise ValueError(f"profile {os.fspath(path)!r}: expected {expected}")
     try:
-        samples = StepSamples(data["query_lens"], data["context_lens"], data["seconds"])
+        lags = data["report_lags"]
+        if isinstance(lags, list):  # null: unknown
+            lags = [np.nan if v is None else v for v in lags]
+        samples = StepSamples(data["query_lens"], data["context_lens"], data["seconds"],
+                              data["admitted"], lags)
     except ValueError as e:
         raise ValueError(f"profile {os.fspath(path)!r}: {e}") from None
     return samples, data["meta"]

@@ -3,13 +3,15 @@
 The node keeps the engine's ``SchedulerState`` and drives it with the same jitted transitions
 (``admission.admit``, ``step.schedule``, ``step.commit``, ``tiers.*``); only the forward pass is
 replaced by ``cost.step_time`` and sampling by the workload's output lengths (a request
-generates exactly ``max_new_tokens``). ``advance`` runs steps back to back inside one jitted
-loop, each taking the cost model's time, until a request finishes, the horizon passes, or a
-step copies K,V to or from the host tier (the node then starts those copies as flows on its
-links). Steps that only decode are known in advance (one token per running request), so a run
-of them is taken at once: their blocks reserved together, their times from
-``cost.run_times``. The same forecast, made after a run, says until when the node would report
-nothing if left alone (``Stretch.quiet``): the simulator lets events elsewhere pass it by.
+generates exactly ``max_new_tokens``); the engine's host work to take a request in and its delay
+in reading a step's tokens are the cost model's ``admission_s`` and ``report_s``. ``advance``
+runs steps back to back inside one jitted loop, each taking the cost model's time, until a
+request finishes, the horizon passes, or a step copies K,V to or from the host tier (the node
+then starts those copies as flows on its links). Steps that only decode are known in advance
+(one token per running request), so a run of them is taken at once: their blocks reserved
+together, their times from ``cost.run_times``. The same forecast, made after a run, says until
+when the node would report nothing if left alone (``Stretch.quiet``): the simulator lets events
+elsewhere pass it by.
 
 The host tier mirrors the engine's (``engine.host_kv``) at block granularity: a ``HostTier`` of
 byte-less entries, copies as flows on the node's PCIe link. Simplifications, each cheaper than
@@ -352,11 +354,13 @@ class SimNode:
 
     def admit(self) -> list[SimRequest]:
         """Admit the pending requests whose session's K,V is not arriving (the engine admits
-        what is waiting before each step); returns the rejected ones."""
+        what is waiting before each step), each taking ``cost.admission_s`` of the node's
+        time; returns the rejected ones."""
         rejected = []
         while ready := [r for r in self.pending if not self.held(r.session_id)][:ADMIT_BATCH]:
             taken = {r.request_id for r in ready}
             self.pending = [r for r in self.pending if r.request_id not in taken]
+            self.clock += len(ready) * self.cost.admission_s
             rejected += self._admit(ready)
         return rejected
 
@@ -438,15 +442,20 @@ class SimNode:
             self.state = tiers.loaded(self.state, self._slots(slots))
         self.idle = False
 
+    def reported(self, t: float) -> float:
+        """When the host reads the tokens of a step that ended at ``t``."""
+        return t + self.cost.report_s
+
     def finished(self, out: Stretch) -> list[SimRequest]:
-        """The requests ``out`` finished, with their counts; their slots are released, and a
-        session under retention ``host`` has its K,V written back."""
+        """The requests ``out`` finished (reported ``cost.report_s`` after the step), with their
+        counts; their slots are released, and a session under retention ``host`` has its K,V
+        written back."""
         done = []
         for slot in np.flatnonzero(out.finished).tolist():
             request = self.requests.pop(int(self.slot_request[slot]))
             request.prefill_tokens += int(out.computed[slot])
             request.recomputed_tokens += int(out.recomputed[slot])
-            request.finish_reason, request.finish_s = "length", self.clock
+            request.finish_reason, request.finish_s = "length", self.reported(self.clock)
             self.slot_request[slot] = -1
             if self.policy.retention == "host" and out.cached[slot] > 0:
                 self.write(slot, int(out.cached[slot]), self.clock)

@@ -125,9 +125,11 @@ class Simulator:
     def __init__(self, schedule: Schedule, system: str | System, config: SimConfig, cost):
         if not isinstance(schedule, Schedule):
             raise ValueError(f"simulate: schedule={schedule!r}: expected a workloads Schedule")
-        if not all(callable(getattr(cost, name, None)) for name in ("step_time", "run_times")):
-            raise ValueError(f"simulate: cost={cost!r}: expected a cost model with step_time "
-                             "and run_times (sim.cost_model)")
+        if not (all(callable(getattr(cost, name, None)) for name in ("step_time", "run_times"))
+                and all(isinstance(getattr(cost, name, None), (int, float))
+                        for name in ("admission_s", "report_s"))):
+            raise ValueError(f"simulate: cost={cost!r}: expected a cost model with step_time, "
+                             "run_times, admission_s and report_s (sim.cost_model)")
         self.schedule, self.system, self.config = schedule, get_system(system), config
         engine = node_engine(config.engine, self.system)
         self.free = self.system.free_migration
@@ -227,9 +229,10 @@ class Simulator:
         for slot in np.flatnonzero(np.isfinite(out.first_token)):
             request = node.requests.get(int(node.slot_request[slot]))
             if request is not None:
-                self._report(start + float(out.first_token[slot]), ("first", request))
+                self._report(node.reported(start + float(out.first_token[slot])),
+                             ("first", request))
         for request in node.finished(out):
-            self._report(end, ("end", request))
+            self._report(request.finish_s, ("end", request))
         load = len(node.requests) + len(node.pending)
         self.steps.append((end, node.index, load, node.device_bytes, node.host_bytes))
 

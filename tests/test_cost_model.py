@@ -293,6 +293,21 @@ def test_fit_recovers_the_admission_cost_and_the_mean_report_lag():
     assert fit(synthetic(3, 300, limits=LIMITS), TINY_GEOMETRY, LIMITS).report_s == 0.0
 
 
+def test_fit_predicts_the_mean_of_noisy_times():
+    """Steps slowed now and then (another process on a shared machine: +0 to +200%, one step
+    in five): a fit of relative errors leans toward the fast samples, the scaled fit's total
+    is the measured total."""
+    samples = synthetic(9, 400, limits=LIMITS, admission_s=2e-3)
+    rng = np.random.default_rng(10)
+    slowed = samples.seconds * (1 + 2 * rng.random(400) * (rng.random(400) < 0.2))
+    noisy = dataclasses.replace(samples, seconds=slowed)
+    model = fit(noisy, TINY_GEOMETRY, LIMITS)
+    predicted = (np.asarray(model.step_time(noisy.query_lens, noisy.context_lens))
+                 + noisy.admitted * model.admission_s)
+    assert predicted.sum() == pytest.approx(slowed.sum(), rel=1e-6)
+    assert np.median(predicted / samples.seconds) > 1.05  # above the unslowed times
+
+
 def test_calibrated_with_limits_charges_padding():
     """65 and 128 tokens run in one bucket: only their attention and K,V differ."""
     linear_only = (0.0, 1e-9, 0.0, 0.0, 0.0)

@@ -13,7 +13,8 @@ comparison (``SYSTEMS``):
   serving node's host tier (swap preemption too), and its next turn sticks to that node.
 - ``ttl`` (Continuum style): the K,V stays pinned on the device for ``ttl_s`` after a turn, and
   the next turn sticks to that node while it is.
-- ``symphony``: host retention with write-back, every request placed on the least loaded node;
+- ``symphony``: host retention with write-back (and swap preemption: a running sequence's full
+  blocks are on the host already), every request placed on the least loaded node;
   an advisory picks that node ahead of the request and migrates the session's K,V there (host
   tier, then free device blocks, lower layers first); a request without one fetches what is
   elsewhere and loads it layer by layer. Its K,V is managed in ``SYMPHONY_LAYER_GROUPS`` layer
@@ -75,10 +76,11 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
     System("prefix_cache", Policy(prefix_caching=True), "cache_aware"),
     System("sticky_offload", Policy(retention="host", preemption="swap"), "sticky"),
     System("ttl", Policy(retention="ttl", ttl_s=TTL_S), "sticky"),
-    System("symphony", Policy(retention="host", layerwise_loading=True), "least_loaded",
-           hints="migrate", fetch_on_request=True, layer_groups=SYMPHONY_LAYER_GROUPS),
-    System("oracle", Policy(retention="host"), "least_loaded", fetch_on_request=True,
-           free_migration=True, memory_scale=16),
+    System("symphony", Policy(retention="host", preemption="swap", layerwise_loading=True),
+           "least_loaded", hints="migrate", fetch_on_request=True,
+           layer_groups=SYMPHONY_LAYER_GROUPS),
+    System("oracle", Policy(retention="host", preemption="swap"), "least_loaded",
+           fetch_on_request=True, free_migration=True, memory_scale=16),
 )}
 
 

@@ -24,11 +24,12 @@ QUICK_SYSTEMS = ("recompute", "sticky_offload", "symphony", "oracle")
 
 def study(quick: bool, **overrides) -> tuple[Study, tuple[int, ...], tuple[str, ...]]:
     """The setting, the user counts and the models. The quick scale is two nodes serving
-    Llama-2-13B (its K,V is 6x the 8B's per token: memory pressure at few users)."""
+    Llama-2-13B (its K,V is 6x the 8B's per token: memory pressure at few users); its sweep
+    steps by 64 users near where the systems saturate."""
     if quick:
         return (dataclasses.replace(Study(nodes=2, seconds=180.0, warmup_s=60.0, drain_s=40.0,
                                           think_speedup=4.0), **overrides),
-                (128, 256, 384, 512), ("llama-2-13b",))
+                (128, 256, 384, 512, 576, 640), ("llama-2-13b",))
     return (dataclasses.replace(Study(), **overrides), (64, 128, 256, 512, 1024), tuple(MODELS))
 
 

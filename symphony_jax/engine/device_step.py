@@ -79,13 +79,6 @@ class Restores:
         ids = block_ids[group].at[self.slots, self.columns].get(mode="fill", fill_value=DROPPED)
         return llama.BlockLoads(self.k, self.v, ids)
 
-    @staticmethod
-    def buffer_shape(config: EngineConfig, group: int, num_blocks: int) -> tuple[int, ...]:
-        """The shape of ``k`` (and ``v``) of ``num_blocks`` blocks of layer ``group``."""
-        model = config.model
-        return (config.layer_groups.count(group), model.num_kv_heads, num_blocks,
-                config.cache.block_size, model.head_dim)
-
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
@@ -110,8 +103,10 @@ def pack(config: EngineConfig, group: int, chunks, num_blocks: int, device) -> R
     """Layer ``group``'s restores of ``num_blocks`` blocks: host ``chunks`` ``(k, v, slot,
     first block)`` (``transfer.Chunk`` arrays of the group) copied into one buffer each for K
     and V in ``device``'s host memory, the blocks past theirs padding."""
-    shape = Restores.buffer_shape(config, group, num_blocks)
-    k, v = (np.zeros(shape, jnp.dtype(config.model.dtype)) for _ in "kv")
+    model = config.model
+    shape = (config.layer_groups.count(group), model.num_kv_heads, num_blocks,
+             config.cache.block_size, model.head_dim)
+    k, v = (np.zeros(shape, model.jnp_dtype) for _ in "kv")
     slots = np.full(num_blocks, config.scheduler.slots, np.int32)
     columns = np.zeros(num_blocks, np.int32)
     at = 0

@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from symphony_jax.config import EngineConfig
-from symphony_jax.engine import device_step
-from symphony_jax.engine.device_step import DeviceState, Restores
+from symphony_jax.engine.device_step import DeviceState, Restores, pack
 from symphony_jax.memory import transfer
 from symphony_jax.memory.disk_tier import DiskTier, DiskTierError
 from symphony_jax.memory.host_tier import HostTier, HostTierFull
@@ -245,7 +244,7 @@ class HostKV:
         most = max(sum(k.shape[2] for k, *_ in chunks) for chunks in by_group)
         num_blocks = batch.bucket(most, self.config.cache.num_device_blocks)
         return tuple(None if g < loaded[0] else
-                     device_step.pack(self.config, g, chunks, num_blocks, self.device)
+                     pack(self.config, g, chunks, num_blocks, self.device)
                      for g, chunks in enumerate(by_group))
 
     def _prefetch(self, scheduler, free_blocks: int):

@@ -139,6 +139,9 @@ def test_symphony_request_without_advisory_fetches_its_kv_and_loads_it(params):
     r = cluster.nodes[second.node].engine.requests[second.engine_id]
     assert r.recomputed_tokens == 0 and r.cached_tokens == 25
     assert [first.output, second.output] == reference(params, [(0, 20, 6), (0, 7, 5)])
+    transfers = cluster.records().transfers  # the fetch is the second request's
+    assert transfers.request_id.tolist() == [second.request_id]
+    assert transfers.start_s[0] >= second.arrival_s
 
 
 def test_false_duplicate_and_unknown_advisories_only_cost_time_or_memory(params):

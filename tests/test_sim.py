@@ -16,7 +16,7 @@ from symphony_jax.scheduler import state as S
 from symphony_jax.sim import node as node_module
 from symphony_jax.sim.network import Network
 from symphony_jax.sim.simulator import SimConfig, Simulator, reaction_s, simulate
-from symphony_jax.workloads import (ShareGPTLike, ThinkTime, Workload, closed_loop, open_loop,
+from symphony_jax.workloads import (AdvisoryConfig, ShareGPTLike, ThinkTime, Workload, closed_loop, open_loop,
                                     sharegpt_like)
 
 CONFIG = EngineConfig(model_preset("tiny"), CacheConfig(block_size=16, num_device_blocks=49),
@@ -42,9 +42,9 @@ class Linear:
         return jnp.full(steps, self.step_time(query_lens, context_lens))
 
 
-def chat(sessions=8, users=4, seed=0):
+def chat(sessions=8, users=4, seed=0, advisories=AdvisoryConfig()):
     return closed_loop(sharegpt_like(sessions, CHAT, seed=seed), users, think=THINK,
-                       stagger_s=0.05, seed=seed)
+                       advisories=advisories, stagger_s=0.05, seed=seed)
 
 
 # ------------------------------------------------------------------ links
@@ -113,7 +113,7 @@ def test_a_single_request_takes_the_cost_models_sum(host):
 
 @pytest.mark.parametrize("name", ["recompute", "symphony"])
 def test_deterministic_and_conserving(name):
-    schedule = chat()
+    schedule = chat(advisories=AdvisoryConfig(drop_fraction=0.5))  # some requests fetch
     config = SimConfig(CONFIG, num_nodes=2)
     first = simulate(schedule, name, config, Linear())
     again = simulate(schedule, name, config, Linear())
@@ -144,6 +144,15 @@ def test_deterministic_and_conserving(name):
         assert len(m) == 0 and r.recomputed_tokens.sum() > 0
     else:
         assert len(m) > 0
+        # A transfer prepares a request of its session, started after the session's previous
+        # turn ended and ended before the request's first token.
+        row = {int(i): k for k, i in enumerate(r.request_id)}
+        turn = {(int(s), int(t)): k for k, (s, t) in enumerate(zip(r.session_id, r.turn_index))}
+        for session, request, start, end in zip(m.session_id, m.request_id, m.start_s, m.end_s):
+            k = row[int(request)]
+            before = turn.get((int(session), int(r.turn_index[k]) - 1))
+            assert r.session_id[k] == session and end <= r.first_token_s[k]
+            assert before is None or start >= r.finish_s[before]
         assert r.recomputed_tokens.sum() < simulate(schedule, "recompute", config,
                                                     Linear()).requests.recomputed_tokens.sum()
 

@@ -177,8 +177,6 @@ class Cluster:
         self.next_id += 1
         self.turns[session_id] += 1
         self.requests[request.request_id] = request
-        for m in self.unclaimed.pop(session_id, []):
-            m.request_id = request.request_id
         if session_id in self.running:
             self.queued[session_id].append(request)
         else:
@@ -298,6 +296,8 @@ class Cluster:
         node = self.scheduler.place(session, now)
         if self.system.fetch_on_request:
             self._migrate(session, node)
+        for m in self.unclaimed.pop(session, []):  # moved for it, before or now
+            m.request_id = request.request_id
         history = self.history.get(session, [])
         request.node = node
         request.prefill_estimate = len(history) + len(request.new_tokens) - \

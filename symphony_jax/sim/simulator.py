@@ -300,8 +300,6 @@ class Simulator:
                              history + int(w.input_tokens[row]), history,
                              int(w.output_tokens[row]), t, self.advised_at.pop(session, math.nan))
         self.requests[row] = request
-        for m in self.unclaimed.pop(session, []):
-            m.request_id = row
         if session in self.running:
             self.queued[session].append(request)
         else:
@@ -312,6 +310,8 @@ class Simulator:
         index = self.scheduler.place(session, t)
         if self.system.fetch_on_request:
             self._migrate(session, index, t)
+        for m in self.unclaimed.pop(session, []):  # moved for it, before or now
+            m.request_id = request.request_id
         request.node = index
         request.prefill_estimate = request.prompt_len - self.scheduler.kept_tokens(session,
                                                                                     index, t)

@@ -25,7 +25,7 @@ from symphony_jax.workloads import ShareGPTLike, ThinkTime, closed_loop, sharegp
 
 MODEL, GPU = model_preset("llama-3.1-8b"), gpu("A100-80GB")
 SCHEDULER = SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=8192,
-                            num_slots=256)
+                            num_slots=1024)
 CHAT = ShareGPTLike(max_context_tokens=7000)
 
 

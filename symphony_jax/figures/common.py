@@ -65,6 +65,9 @@ class Study:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 8192
+    # Sessions a node can keep K,V for (running, waiting and idle), per node: enough that
+    # memory, not the table, bounds what it keeps (4 x max_num_seqs, the scheduler's default).
+    num_slots: int = 1024
     # Host tier (systems that use one) over the device pool. The paper's nodes hold 256 GB of
     # DRAM and 4 TB of SSD per 4 A100s; the simulator has no disk tier, so the host tier
     # stands for both.
@@ -80,7 +83,7 @@ class Study:
     def config(self) -> SimConfig:
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                     max_num_batched_tokens=self.max_num_batched_tokens,
-                                    max_model_len=self.max_model_len, num_slots=256)
+                                    max_model_len=self.max_model_len, num_slots=self.num_slots)
         return SimConfig.for_gpu(model_preset(self.model), gpu(self.gpu), scheduler,
                                  num_nodes=self.nodes, host_fraction=self.host_fraction)
 

@@ -53,8 +53,11 @@ def test_main_result_load_balance_and_ablations(tmp_path):
                        {"system", "imbalance_mean", "imbalance_p90", "paper"})
     assert [r["system"] for r in rows] == list(load_balance.SYSTEMS)
     rows = check_files(ablations.run(tmp_path, quick=True, users=8, **TINY),
-                       {"case", "throughput_change", "tpot_change", "paper"})
+                       {"case", "throughput_change", "tpot_change", "paper",
+                        "migration.transfers_done_before_arrival_fraction"})
     assert rows[0]["case"] == "symphony" and float(rows[0]["throughput_change"]) == 0
+    no_advisories = next(r for r in rows if r["case"] == "no advisories")
+    assert float(no_advisories["migration.transfers_done_before_arrival_fraction"]) == 0
     assert {"no layer-wise loading", "10% missing advisories", "60% false advisories",
             "host tier / 8"} <= {r["case"] for r in rows}
 

@@ -57,10 +57,15 @@ def run(out, *, quick: bool = False, seed: int = 0, progress: bool = False,
     summary = "\n".join([
         f"# SYMPHONY ablations ({users} users, {s.nodes} x {s.gpu}, {s.model})", "",
         "Changes are relative to `symphony` with every advisory, in the same run. A disk tier "
-        "is not ablated: the simulator has none.", "",
-        table(rows, ["case", "finished", "tpot_s.mean", "ttft_s.p99",
-                     "throughput.output_tokens_per_s", "throughput_change", "tpot_change",
-                     "paper"])])
+        "is not ablated: the simulator has none. Where K,V went (over the whole run): "
+        "`redundant_fraction` of prefilled tokens recomputed history; `transfers` between "
+        "nodes, the share of them complete when their request arrived, and their mean time.",
+        "", table(rows, ["case", "finished", "tpot_s.mean", "ttft_s.p99",
+                         "throughput.output_tokens_per_s", "throughput_change", "tpot_change",
+                         "paper"]),
+        "", table(rows, ["case", "redundant_fraction", "migration.transfers",
+                         "migration.transfers_done_before_arrival_fraction",
+                         "migration.mean_transfer_s"])])
 
     def plot(plt):
         figure, axes = plt.subplots(1, 2, figsize=(11, 3.5))

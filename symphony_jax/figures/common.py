@@ -134,11 +134,13 @@ class Study:
 def point(study: Study, records: ClusterRecords) -> dict[str, float]:
     """The latency and throughput of one run, over requests arriving in the study's window."""
     study.check_window(records)
-    s = metrics.summarize(records.requests, steps=records.steps, slo=SLO, window=study.window,
-                          bin_s=1.0)
+    s = metrics.summarize(records.requests, steps=records.steps, transfers=records.transfers,
+                          slo=SLO, window=study.window, bin_s=1.0)
     keys = ("requests", "finished", "normalized_latency_s.mean", "tpot_s.mean", "ttft_s.p50",
             "ttft_s.p99", "throughput.requests_per_s", "throughput.output_tokens_per_s",
-            "slo_attainment", "redundant_fraction", "load_imbalance.mean")
+            "slo_attainment", "redundant_fraction", "load_imbalance.mean",
+            "migration.transfers", "migration.transfers_done_before_arrival_fraction",
+            "migration.mean_transfer_s")
     return {k: s.get(k, math.nan) for k in keys}
 
 

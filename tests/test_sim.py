@@ -306,3 +306,37 @@ def test_a_purged_upper_layer_group_is_all_a_simulated_restore_moves():
     half = node.block_bytes // 2
     assert restores[0] == -(-history // 8) * half
     assert node.requests == {} and tokens_of(7)[0] == tokens_of(7)[1] > history
+
+
+def test_a_turns_full_blocks_are_on_the_host_while_its_write_back_is_in_flight():
+    """As in the engine, which writes each block back as it fills: a session purged right after
+    its turn, before the copy of the turn's K,V is done, keeps its full blocks on the host, and
+    its next turn restores them and recomputes only the partial last block."""
+    from symphony_jax.scheduler.policy import Policy
+    from symphony_jax.sim.node import SimNode, SimRequest
+
+    config = dataclasses.replace(CONFIG, cache=dataclasses.replace(
+        CONFIG.cache, block_size=8, num_device_blocks=17, num_host_blocks=64))
+    flows = []
+    node = SimNode(0, config, Policy(retention="host"), Linear(),
+                   lambda t, path, nbytes, done: flows.append(done))
+
+    def serve(request: SimRequest, copies_done: bool = False) -> SimRequest:
+        node.submit(request)
+        assert node.admit() == []
+        while node.requests:
+            node.finished(node.run(math.inf, max_steps=1))
+            while copies_done and flows:
+                flows.pop(0)(node.clock)
+        return request
+
+    serve(SimRequest(0, 7, 0, 20, 0, 8, 0.0))
+    history = 20 + 8 - 1  # 3 full blocks and 3 tokens
+    (slot,) = np.flatnonzero(node.slot_session == 7)
+    assert len(flows) == 1 and int(node.state.requests.host_tokens[slot]) == 24
+    serve(SimRequest(1, 100, 0, 100, 0, 8, node.clock))  # takes every block: 7's go
+    assert int(node.state.blocks.num_tokens[0, slot]) == 0
+    assert int(node.state.requests.status[slot]) == S.FINISHED  # not EMPTY: the host holds 24
+    again = serve(SimRequest(2, 7, 1, history + 1 + 6, history + 1, 8, node.clock),
+                  copies_done=True)
+    assert again.recomputed_tokens == history - 24

@@ -14,10 +14,13 @@ when the node would report nothing if left alone (``Stretch.quiet``): the simula
 elsewhere pass it by.
 
 The host tier mirrors the engine's (``engine.host_kv``) at block granularity: a ``HostTier`` of
-byte-less entries, copies as flows on the node's PCIe link. Simplifications, each cheaper than
-the real engine or equal: a finished session's K,V is written back at the end of its turn (the
-engine writes full blocks every step); a layer-wise restore makes its step last until its copy
-is in (the copy overlapping the step's compute); there is no disk tier.
+byte-less entries, copies as flows on the node's PCIe link. Simplifications: a turn's K,V
+crosses the link when the turn ends (the engine copies each block as it fills), and the host
+holds the turn's full blocks from then on, as in the engine (a session purged while the copy is
+in flight recomputes only its partial last block); a sequence preempted by swap copies all its
+blocks not yet on the host, where the engine under write-back has all but the partial one there
+already; a layer-wise restore makes its step last until its copy is in (the copy overlapping
+the step's compute); there is no disk tier.
 
 Prefix caching keys blocks by (session, block index): a session's token stream only grows, so
 block ``i`` of a session has the same contents in every turn, and sessions share nothing.
@@ -450,7 +453,7 @@ class SimNode:
         """The requests ``out`` finished (reported ``cost.report_s`` after the step), with their
         counts; their slots are released, and a session under retention ``host`` has its K,V
         written back."""
-        done = []
+        done, filled = [], []
         for slot in np.flatnonzero(out.finished).tolist():
             request = self.requests.pop(int(self.slot_request[slot]))
             request.prefill_tokens += int(out.computed[slot])
@@ -458,9 +461,25 @@ class SimNode:
             request.finish_reason, request.finish_s = "length", self.reported(self.clock)
             self.slot_request[slot] = -1
             if self.policy.retention == "host" and out.cached[slot] > 0:
-                self.write(slot, int(out.cached[slot]), self.clock)
+                filled += self.write_back(slot, int(out.cached[slot]))
             done.append(request)
+        if filled:
+            slots, tokens = zip(*filled)
+            self.state = tiers.stored(self.state, self._slots(slots), self._values(tokens))
         return done
+
+    def write_back(self, slot: int, tokens: int) -> list[tuple[int, int]]:
+        """Write a finished turn's K,V back. The engine copies each block as it fills and the
+        last partial one when the turn ends; here the bytes of the whole turn cross the link
+        now, and the host holds its full blocks from now on (returns ``[(slot, their
+        tokens)]`` for ``tiers.stored``, or ``[]``), the partial one once the copy is done."""
+        before = self.host.tokens(slot)
+        self.write(slot, tokens, self.clock)
+        full = tokens - tokens % self.block_size
+        if self.host.tokens(slot) == before or full <= self.stored[slot]:
+            return []
+        self.stored[slot] = full
+        return [(slot, full)]
 
     # ------------------------------------------------------------ host tier
 

@@ -109,3 +109,22 @@ def test_a_fill_gives_every_session_its_lower_groups_before_anyones_upper_ones()
     assert tokens(state, a) == [12, 12, 0] and tokens(state, b) == [12, 0, 0]
     assert [int(state.requests.status[s]) for s in (a, b)] == [S.PREFETCHING] * 2
     assert int(state.blocks.free_top) == 1
+
+
+def test_a_swapped_waiting_session_the_host_holds_is_restorable_at_once():
+    """Preempted by swap, a sequence whose K,V the host tier holds already has nothing to copy:
+    it waits restorable (no offload that no copy would ever complete), and runs from the host
+    once blocks are free."""
+    swap = dataclasses.replace(POLICY, preemption="swap")
+    run = lambda state, now: step.schedule(state, now, limits=LIMITS, policy=swap)
+    state = S.init(CONFIG)
+    state, slot = serve(state, 0, session=1, prompt=12, now=0.0)  # 3 blocks in each group
+    state = tiers.stored(state, pad([slot], R), pad([12], 0))
+    state, first = admit(state, 1, session=2, prompt=32, now=1.0)  # 8 blocks a group: 24 of 21
+    state, _ = admit(state, 2, session=1, prompt=15, now=2.0, history=12)
+    state, plan = run(state, 2.0)  # the earlier request takes the waiting session's blocks
+    assert int(plan.query_lens[first]) == 32 and tokens(state, slot) == [0, 0, 0]
+    assert int(state.requests.status[slot]) == S.PREEMPTED and not bool(plan.offloads[slot])
+    state, _ = step.commit(state, plan, jnp.zeros(R, bool), 2.0, policy=swap)
+    state, plan = run(state, 3.0)  # the finished request's K,V gives way
+    assert bool(plan.restores[slot]) and int(plan.query_lens[slot]) == 3

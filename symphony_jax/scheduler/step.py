@@ -13,7 +13,7 @@
 4. Memory: running slots' blocks come first. While they do not fit, the least recently used idle
    session loses its K,V, else the last running slot in order is preempted (its K,V dropped;
    it waits to recompute, or with ``swap`` it waits, ``OFFLOADED``, for the copy of its K,V
-   to the host tier). Waiting slots then take blocks in order while they fit (idle sessions
+   to the host tier; if the host holds all of it already, it waits restorable at once). Waiting slots then take blocks in order while they fit (idle sessions
    giving way first); a waiting slot that does not fit, and every one after it, waits.
    An idle session whose host copy holds everything it has on the device loses only its
    upper-most resident layer group at a time (SYMPHONY's purge): what it gives is free to drop,
@@ -244,15 +244,17 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
         last_running = jnp.argmax(jnp.where(room.status == S.RUNNING, position, -1))
         victim = jnp.where(has_idle, lru, jnp.where(waiting.any(), last_waiting, last_running))
         preempt = ~has_idle  # a waiting or running slot loses its K,V
-        swap = preempt & (policy.preemption == "swap")
+        tokens = room.table.num_tokens[:, victim]  # [G]
+        backed = r.host_tokens[victim] >= tokens[0]  # the host holds all it has on the device
+        # Swapping copies K,V to the host; with nothing to copy it is restorable at once.
+        swap = preempt & (policy.preemption == "swap") & ~backed
         # An idle session whose K,V the host tier holds keeps its slot: its next turn restores.
         idle_status = jnp.where(r.host_tokens[victim] > 0, S.FINISHED, S.EMPTY)
         status = jnp.where(preempt, jnp.where(swap, S.OFFLOADED, S.PREEMPTED), idle_status)
         # If the host holds all it has on the device, it loses its upper-most group only.
-        tokens = room.table.num_tokens[:, victim]  # [G]
         G = tokens.shape[0]
         top = G - 1 - jnp.argmax(tokens[::-1] > 0)
-        purge = ~preempt & (r.host_tokens[victim] >= tokens[0])
+        purge = ~preempt & backed
         groups = jnp.where(purge, jnp.arange(G) == top, True)
         return dataclasses.replace(
             room, table=bt.free(room.table, victim[None], groups),

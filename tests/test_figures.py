@@ -91,7 +91,7 @@ def test_real_check_serves_and_simulates_the_same_schedule(tmp_path):
 def test_quick_reproduction_headline_ordering(tmp_path):
     """At the quick scale (two points of its sweep), symphony serves more users within the SLO
     than recompute and as many as sticky_offload, and the oracle at least as many as anyone."""
-    result = main_result.run(tmp_path, quick=True, users=(384, 576))
+    result = main_result.run(tmp_path, quick=True, users=(384, 512))
     rows = [{**r, "users": int(r["users"]), "slo_attainment": float(r["slo_attainment"])}
             for r in rows_of(result.files[0])]
     served = {name: main_result.max_users(rows, name, "llama-2-13b")

@@ -13,8 +13,9 @@
 4. Memory: running slots' blocks come first. While they do not fit, the least recently used idle
    session loses its K,V, else the last running slot in order is preempted (its K,V dropped;
    it waits to recompute, or with ``swap`` it waits, ``OFFLOADED``, for the copy of its K,V
-   to the host tier; if the host holds all of it already, it waits restorable at once). Waiting slots then take blocks in order while they fit (idle sessions
-   giving way first); a waiting slot that does not fit, and every one after it, waits.
+   to the host tier; if the host holds all of it already, it waits restorable at once).
+   Waiting slots then take blocks in order while they fit (idle sessions giving way first); a
+   waiting slot that does not fit, and every one after it, waits.
    An idle session whose host copy holds everything it has on the device loses only its
    upper-most resident layer group at a time (SYMPHONY's purge): what it gives is free to drop,
    and its lower layers stay for its next request.

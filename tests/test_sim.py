@@ -16,8 +16,8 @@ from symphony_jax.scheduler import state as S
 from symphony_jax.sim import node as node_module
 from symphony_jax.sim.network import Network
 from symphony_jax.sim.simulator import SimConfig, Simulator, reaction_s, simulate
-from symphony_jax.workloads import (AdvisoryConfig, ShareGPTLike, ThinkTime, Workload, closed_loop, open_loop,
-                                    sharegpt_like)
+from symphony_jax.workloads import (AdvisoryConfig, ShareGPTLike, ThinkTime, Workload,
+                                    closed_loop, open_loop, sharegpt_like)
 
 CONFIG = EngineConfig(model_preset("tiny"), CacheConfig(block_size=16, num_device_blocks=49),
                       SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=128,

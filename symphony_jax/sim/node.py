@@ -473,27 +473,27 @@ class SimNode:
         last partial one when the turn ends; here the bytes of the whole turn cross the link
         now, and the host holds its full blocks from now on (returns ``[(slot, their
         tokens)]`` for ``tiers.stored``, or ``[]``), the partial one once the copy is done."""
-        before = self.host.tokens(slot)
-        self.write(slot, tokens, self.clock)
         full = tokens - tokens % self.block_size
-        if self.host.tokens(slot) == before or full <= self.stored[slot]:
+        if not self.write(slot, tokens, self.clock) or full <= self.stored[slot]:
             return []
         self.stored[slot] = full
         return [(slot, full)]
 
     # ------------------------------------------------------------ host tier
 
-    def write(self, slot: int, tokens: int, now: float) -> None:
-        """Copy ``slot``'s first ``tokens`` tokens' blocks not yet on the host to it."""
+    def write(self, slot: int, tokens: int, now: float) -> bool:
+        """Copy ``slot``'s first ``tokens`` tokens' blocks not yet on the host to it; returns
+        whether a copy started (none: nothing new, one already running, or no room)."""
         if tokens <= self.host.tokens(slot) or slot in self.writing:
-            return
+            return False
         chunks = self._chunks(self.host.written_blocks(slot, self.block_size), tokens)
         if not self._store(slot, chunks, tokens):
-            return
+            return False
         self.writing.add(slot)
         generation = self.generation[slot]
         self.launch(now, self.pcie, sum(c.nbytes for c in chunks),
                     lambda t: self._written(slot, tokens, generation))
+        return True
 
     def _chunks(self, first: int, tokens: int) -> list[_Blocks]:
         """Blocks ``first`` on of a sequence's first ``tokens`` tokens: the full ones, then the

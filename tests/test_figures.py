@@ -118,7 +118,7 @@ def test_study_and_figure_names_are_checked():
     (["simulate", "--system", "vllm", "--users", "4"], "unknown system 'vllm': expected one of"
                                                       " recompute"),
     (["simulate", "--system", "symphony", "--users", "4", "--workload", "alpaca"],
-     "unknown workload 'alpaca': expected one of sharegpt, mooncake, ragpulse"),
+     "unknown workload 'alpaca': expected one of sharegpt, long_chat, mooncake, ragpulse"),
     (["bench", "nothing"], "unknown benchmark 'nothing': expected one of"),
 ])
 def test_cli_rejects_unknown_names(argv, expected, capsys):
@@ -136,9 +136,9 @@ def test_cli_simulate_prints_the_metrics(tmp_path, capsys):
     assert "request_id" in rows_of(out)[0]
 
 
-@pytest.mark.parametrize("workload", ["mooncake", "ragpulse"])
-def test_figures_run_on_the_real_traces(tmp_path, workload):
-    """Trace prompts are long (documents, retrieved context): without the typing cap, no
+@pytest.mark.parametrize("workload", ["mooncake", "ragpulse", "long_chat"])
+def test_figures_run_on_the_real_traces_and_long_chats(tmp_path, workload):
+    """Their prompts are long (documents, retrieved context): without the typing cap, no
     request of these users would arrive within the simulated minute."""
     result = main_result.run(tmp_path, quick=True, systems=("symphony",), users=(8,),
                              workload=workload, **TINY)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from symphony_jax.workloads import (ADVISORY, AdvisoryConfig, CallGraph, Role, ShareGPTLike,
+from symphony_jax.workloads import (ADVISORY, LONG_CHAT, AdvisoryConfig, CallGraph, Role, ShareGPTLike,
                                     agent_schedule, metagpt_graph, sharegpt_like,
                                     truncate_to_context)
 from symphony_jax.workloads.agents import END, NOMINAL_TPOT_S
@@ -22,6 +22,20 @@ def test_sharegpt_like_matches_its_calibration_targets():
     assert w.output_tokens.mean() == pytest.approx(348.45, rel=0.01)
     assert np.median(w.input_tokens) == pytest.approx(35, abs=2)  # sigma 1.4
     assert 0.02 < (turns > 10).mean() < 0.05
+
+
+def test_long_chat_opens_with_a_document_and_otherwise_matches_sharegpt():
+    chat, long = sharegpt_like(50_000, seed=4), sharegpt_like(50_000, LONG_CHAT, seed=4)
+    first = long.turn_index == 0
+    # Mooncake's first prompts: mean 11,271 tokens, log-space sigma 1.26 (median 5,100 for a
+    # log-normal; the trace's is 5,963); standard error of the mean ~1%
+    assert long.input_tokens[first].mean() == pytest.approx(11271, rel=0.05)
+    assert np.log(long.input_tokens[first]).std() == pytest.approx(1.26, abs=0.02)
+    assert np.median(long.input_tokens[first]) == pytest.approx(5100, rel=0.05)
+    # same conversations otherwise: turns, follow-ups and answers draw the same keys
+    assert np.array_equal(long.turns_per_session, chat.turns_per_session)
+    assert np.array_equal(long.input_tokens[~first], chat.input_tokens[~first])
+    assert np.array_equal(long.output_tokens, chat.output_tokens)
 
 
 @settings(max_examples=30)
@@ -59,6 +73,10 @@ def test_sharegpt_like_rejects_impossible_shapes():
         ShareGPTLike(mean_turns=1.5, multi_turn_fraction=0.73)
     with pytest.raises(ValueError, match="num_sessions"):
         sharegpt_like(-1)
+    with pytest.raises(ValueError, match="mean_first_input_tokens"):
+        ShareGPTLike(mean_first_input_tokens=0.5)
+    with pytest.raises(ValueError, match="first_input_sigma"):
+        ShareGPTLike(first_input_sigma=-1.0)
 
 
 def replayed(schedule):

@@ -24,15 +24,17 @@ from symphony_jax.config import SchedulerConfig, model_preset
 from symphony_jax.progress import bar as progress_bar
 from symphony_jax.sim import Geometry, Roofline, gpu
 from symphony_jax.sim.simulator import SimConfig, simulate
-from symphony_jax.workloads import (AdvisoryConfig, Schedule, ShareGPTLike, ThinkTime,
-                                    closed_loop, sharegpt_like)
+from symphony_jax.workloads import (LONG_CHAT, AdvisoryConfig, Schedule, ShareGPTLike,
+                                    ThinkTime, closed_loop, sharegpt_like)
 from symphony_jax.workloads import traces
 from symphony_jax.workloads.sharegpt_synth import truncate_to_context
 
-WORKLOADS = ("sharegpt", "mooncake", "ragpulse")
-# Trace prompts carry documents and retrieved context: typing one at 40 words a minute would take
-# over 20 minutes (Mooncake's median prompt), so a user types for at most this long (a person's
-# time; ``think_speedup`` divides it) and pastes the rest.
+WORKLOADS = ("sharegpt", "long_chat", "mooncake", "ragpulse")
+# Synthetic chats: ShareGPT-like, and the same opening with a long document (``LONG_CHAT``).
+CHATS = {"sharegpt": ShareGPTLike(), "long_chat": LONG_CHAT}
+# Long prompts carry documents and retrieved context: typing one at 40 words a minute would take
+# over 20 minutes (Mooncake's median prompt), so on the workloads that have them a user types for
+# at most this long (a person's time; ``think_speedup`` divides it) and pastes the rest.
 TRACE_TYPING_S = 30.0
 TRACE_FILES = {"mooncake": "mooncake/conversation_trace_sessions_reconstructed.csv",
                "ragpulse": "ragpulse/0_trace.jsonl"}
@@ -106,8 +108,9 @@ class Study:
         think = ThinkTime(reading_wpm=self.reading_wpm * self.think_speedup,
                           typing_wpm=self.typing_wpm * self.think_speedup,
                           max_typing_s=typing_s / self.think_speedup)
-        if self.workload == "sharegpt":
-            work = sharegpt_like(users * 8, ShareGPTLike(max_context_tokens=limit), seed=seed)
+        if self.workload in CHATS:
+            chat = dataclasses.replace(CHATS[self.workload], max_context_tokens=limit)
+            work = sharegpt_like(users * 8, chat, seed=seed)
         else:
             path = os.path.join(self.data_dir, TRACE_FILES[self.workload])
             loader = (traces.load_mooncake_sessions if self.workload == "mooncake"

@@ -18,7 +18,8 @@ PAPER = [("users within similar latency, SYMPHONY / vLLM", "4x-8x (64 -> 256, 51
          ("end-to-end latency, vLLM / SYMPHONY", "2.4x")]
 
 
-MODELS = {"llama-3.1-8b": 8192, "llama-2-13b": 4096}  # model: max_model_len (13B: native)
+# model: max_model_len unless overridden (13B: its native window)
+MODELS = {"llama-3.1-8b": 8192, "llama-2-13b": 4096}
 QUICK_SYSTEMS = ("recompute", "sticky_offload", "symphony", "oracle")
 
 
@@ -49,8 +50,8 @@ def run(out, *, quick: bool = False, seed: int = 0, progress: bool = False,
     systems = tuple(systems or (QUICK_SYSTEMS if quick else SYSTEMS))
     rows = []
     for model in models:
-        s = dataclasses.replace(base, model=model, max_model_len=MODELS.get(model,
-                                                                              base.max_model_len))
+        length = overrides.get("max_model_len", MODELS.get(model, base.max_model_len))
+        s = dataclasses.replace(base, model=model, max_model_len=length)
         cases = [(f"{name} x{n}", {"system": name, "users": n}) for name in systems
                  for n in users]
         rows += [{"model": model, **row} for row in sweep(s, cases, seed, progress)]

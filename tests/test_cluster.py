@@ -15,6 +15,7 @@ import pytest
 from symphony_jax.cluster import SYSTEMS, Cluster, ClusterConfig, System, run, system
 from symphony_jax.cluster import placement
 from symphony_jax.cluster.global_scheduler import ADVISED_FOR_S, GlobalScheduler
+from symphony_jax.cluster.placement import CACHE_SLACK
 from symphony_jax.cluster.replay import CompileFreeClock, turn_tokens
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
 from symphony_jax.engine.engine import Engine, Residency
@@ -129,6 +130,21 @@ def test_symphony_advisory_moves_kv_to_the_chosen_node_before_the_request(params
     assert records.transfers.bytes.tolist() == [-(-history // 8) * block_bytes]
     assert records.transfers.request_id.tolist() == [second.request_id]
     assert np.isfinite(records.requests.advisory_s[1]) and np.isnan(records.requests.advisory_s[0])
+
+
+def test_symphony_request_follows_its_kv_in_flight_even_to_a_busier_node(params):
+    cluster = two_nodes(params)
+    first = cluster.requests[serve(cluster, 0, 0, 20, 6)]
+    cluster.advise(0)
+    cluster._handle_advisories()  # the copy is dispatched, not yet seen complete
+    (moving,) = cluster.migrations
+    target = moving.dst
+    cluster.scheduler.started(target, 4 * CONFIG.scheduler.max_num_batched_tokens)  # long prompt
+    second = cluster.requests[serve(cluster, 0, 1, 7, 5)]
+    assert second.node == target != first.node
+    r = cluster.nodes[target].engine.requests[second.engine_id]
+    assert r.recomputed_tokens == 0 and r.cached_tokens == 20 + 6 - 1
+    assert [first.output, second.output] == reference(params, [(0, 20, 6), (0, 7, 5)])
 
 
 def test_symphony_request_without_advisory_fetches_its_kv_and_loads_it(params):
@@ -259,6 +275,22 @@ def test_advisories_arriving_together_spread_over_nodes():
     assert scheduler.place(2, now=3.0) == picks[2]  # the request goes where it was advised
     later = scheduler.loads(now=1.0 + ADVISED_FOR_S)
     assert later.decoding.tolist() == [0, 0, 0, 0]  # the others never came: their counts lapse
+
+
+def test_an_advised_request_goes_elsewhere_only_if_its_node_became_clearly_busier():
+    """The advisory's pick is a forecast: the request keeps it unless, when it arrives, the node
+    has more than CACHE_SLACK steps' worth of extra work queued; a K,V still on its way there
+    keeps it regardless (elsewhere the request would recompute its history)."""
+    def advised_then(queued: int, moving: bool = False) -> int:
+        scheduler = GlobalScheduler(SYSTEMS["symphony"], 2, step_tokens=64, step_seqs=4)
+        assert scheduler.advise(0, now=1.0) == 0  # equal loads: the first node
+        scheduler.started(0, queued)  # a prompt arrives there before the request
+        return scheduler.place(0, now=2.0, moving=moving)
+
+    slack = int(64 * CACHE_SLACK)
+    assert advised_then(slack) == 0
+    assert advised_then(slack + 64) == 1
+    assert advised_then(slack + 64, moving=True) == 0
 
 
 def test_systems_and_configs_reject_bad_input(params):

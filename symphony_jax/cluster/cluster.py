@@ -293,7 +293,8 @@ class Cluster:
     def _dispatch(self, request: _Request) -> None:
         """Place a session's request and send it to its node."""
         session, now = request.session_id, self.now()
-        node = self.scheduler.place(session, now)
+        moving = any(m.session_id == session for m in self.migrations)
+        node = self.scheduler.place(session, now, moving)
         if self.system.fetch_on_request:
             self._migrate(session, node)
         for m in self.unclaimed.pop(session, []):  # moved for it, before or now

@@ -4,10 +4,15 @@ It keeps a table session -> ``KVLocation`` (the node holding the K,V and for how
 kept there) and each node's queued work (``placement.NodeLoads``), and applies the system's
 placement policy. With ``hints="migrate"`` an advisory picks the node for the session's next
 request ahead of it (by the placement policy at that moment, wherever the K,V is: it is about
-to move): the request goes there if that node is still alive, whatever the load is by then —
-the K,V is on its way there. Until then that request counts in the node's load as a request
-generating (for ``ADVISED_FOR_S`` at most: a false advisory's request never comes), so that
-advisories arriving together do not all pick the node that was least loaded before them.
+to move). Until the request comes it counts in that node's load as a request generating (for
+``ADVISED_FOR_S`` at most: a false advisory's request never comes), so that advisories arriving
+together do not all pick the node that was least loaded before them. The request goes to the
+advised node unless, by the time it arrives, that node has ``CACHE_SLACK`` steps' worth more work
+queued than the least loaded one; then the placement policy picks again and the K,V follows on
+request. A pick is a forecast: work queued when the advisory came (a long prompt being
+prefilled, say) may be gone when the request arrives, and new work may be there instead. A
+request whose K,V is still on its way to the advised node goes there all the same (elsewhere it
+would recompute its history).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import math
 
 import numpy as np
 
-from symphony_jax.cluster.placement import PLACEMENTS, NodeLoads
+from symphony_jax.cluster.placement import CACHE_SLACK, PLACEMENTS, NodeLoads
 from symphony_jax.cluster.systems import System
 
 ADVISED_FOR_S = 60.0  # an advised request counts in its node's load this long at most
@@ -58,11 +63,14 @@ class GlobalScheduler:
         """Tokens of ``session_id`` whose K,V ``node`` holds (0 if another node or none)."""
         return self.where[session_id].tokens if self.kv_node(session_id, now) == node else 0
 
-    def place(self, session_id: int, now: float) -> int:
-        """The node for ``session_id``'s request arriving now."""
+    def place(self, session_id: int, now: float, moving: bool = False) -> int:
+        """The node for ``session_id``'s request arriving now (``moving``: its K,V is on its way
+        to the node its advisory picked)."""
         node, _ = self.advised.pop(session_id, (-1, now))
-        if node < 0 or not self.alive[node]:
-            node = self.place_fn(self.loads(now), self.kv_node(session_id, now), self.placed)
+        loads = self.loads(now)
+        if node < 0 or not self.alive[node] or \
+                (not moving and loads.score[node] > loads.score.min() + CACHE_SLACK):
+            node = self.place_fn(loads, self.kv_node(session_id, now), self.placed)
         self.placed += 1
         return node
 

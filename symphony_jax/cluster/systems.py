@@ -16,7 +16,8 @@ comparison (``SYSTEMS``):
 - ``symphony``: host retention with write-back (and swap preemption: a running sequence's full
   blocks are on the host already), every request placed on the least loaded node;
   an advisory picks that node ahead of the request and migrates the session's K,V there (host
-  tier, then free device blocks, lower layers first); a request without one fetches what is
+  tier, then free device blocks, lower layers first), and the request keeps that pick unless
+  the node has become clearly busier by its arrival; a request without one fetches what is
   elsewhere and loads it layer by layer. Its K,V is managed in ``SYMPHONY_LAYER_GROUPS`` layer
   groups: room is made by taking the upper-most group of the least recently used idle session
   first, so sessions stay resident by a prefix of their layers.

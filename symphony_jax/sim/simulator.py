@@ -307,7 +307,7 @@ class Simulator:
 
     def _dispatch(self, request: SimRequest, t: float) -> None:
         session = request.session_id
-        index = self.scheduler.place(session, t)
+        index = self.scheduler.place(session, t, session in self.migrating)
         if self.system.fetch_on_request:
             self._migrate(session, index, t)
         for m in self.unclaimed.pop(session, []):  # moved for it, before or now

@@ -13,6 +13,7 @@ from symphony_jax.engine.engine import StepRecord
 from symphony_jax.figures import (ablations, figure, load_balance, main_result, real_check,
                                   redundancy)
 from symphony_jax.figures.common import SLO_ATTAINMENT, Study
+from symphony_jax.workloads import ShareGPTLike
 
 # Two nodes, a minute of users who read and type 20x faster than people.
 TINY = dict(nodes=2, seconds=60.0, warmup_s=10.0, drain_s=10.0, think_speedup=20.0)
@@ -102,11 +103,22 @@ def test_quick_reproduction_headline_ordering(tmp_path):
     assert SLO_ATTAINMENT == 0.9
 
 
+def test_a_study_takes_the_chat_shape_it_is_given():
+    default = Study().schedule(64, 0).workload
+    longer = Study(chat=ShareGPTLike(mean_turns=10.0)).schedule(64, 0).workload
+    assert default.turns_per_session.mean() == pytest.approx(3.5, abs=0.2)
+    assert longer.turns_per_session.mean() > 2 * default.turns_per_session.mean()  # truncated
+
+
 def test_study_and_figure_names_are_checked():
     with pytest.raises(ValueError, match="unknown figure 'fig9'.*redundancy"):
         figure("fig9")
     with pytest.raises(ValueError, match="unknown workload 'alpaca'.*sharegpt"):
         Study(workload="alpaca")
+    with pytest.raises(ValueError, match="Study.chat=.*not 'mooncake'"):
+        Study(workload="mooncake", chat=ShareGPTLike())
+    with pytest.raises(ValueError, match="Study.chat='long'"):
+        Study(chat="long")
     with pytest.raises(ValueError, match="unknown GPU 'V100'"):
         Study(gpu="V100")
     with pytest.raises(ValueError, match="unknown model preset"):

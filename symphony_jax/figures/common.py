@@ -63,6 +63,8 @@ class Study:
     typing_wpm: float = 40.0
     think_speedup: float = 1.0
     workload: str = "sharegpt"
+    # The synthetic chat's shape, instead of the workload's (``CHATS``; e.g. longer sessions).
+    chat: ShareGPTLike | None = None
     data_dir: str = "experiments/data"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -80,6 +82,10 @@ class Study:
         if self.workload not in WORKLOADS:
             raise ValueError(f"unknown workload {self.workload!r}: expected one of "
                              f"{', '.join(WORKLOADS)}")
+        if self.chat is not None and (self.workload not in CHATS or
+                                      not isinstance(self.chat, ShareGPTLike)):
+            raise ValueError(f"Study.chat={self.chat!r}: expected None, or a ShareGPTLike with "
+                             f"a synthetic workload ({', '.join(CHATS)}), not {self.workload!r}")
 
     @property
     def config(self) -> SimConfig:
@@ -109,7 +115,8 @@ class Study:
                           typing_wpm=self.typing_wpm * self.think_speedup,
                           max_typing_s=typing_s / self.think_speedup)
         if self.workload in CHATS:
-            chat = dataclasses.replace(CHATS[self.workload], max_context_tokens=limit)
+            chat = dataclasses.replace(self.chat or CHATS[self.workload],
+                                       max_context_tokens=limit)
             work = sharegpt_like(users * 8, chat, seed=seed)
         else:
             path = os.path.join(self.data_dir, TRACE_FILES[self.workload])

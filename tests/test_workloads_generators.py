@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from symphony_jax.workloads import (ADVISORY, LONG_CHAT, AdvisoryConfig, CallGraph, Role, ShareGPTLike,
-                                    agent_schedule, metagpt_graph, sharegpt_like,
+from symphony_jax.workloads import (ADVISORY, LONG_CHAT, AdvisoryConfig, CallGraph, Role,
+                                    ShareGPTLike, agent_schedule, metagpt_graph, sharegpt_like,
                                     truncate_to_context)
 from symphony_jax.workloads.agents import END, NOMINAL_TPOT_S
 

@@ -38,7 +38,7 @@ from symphony_jax.workloads.think_time import EmpiricalGap, ExponentialGap, NoGa
 
 __all__ = [
     "ADVISORY", "ARRIVAL", "AdvisoryConfig", "Advisories", "CallGraph", "EmpiricalGap", "Events",
-    "ExponentialGap", "LONG_CHAT", "NoGap", "Role", "Schedule", "Session", "ShareGPTLike", "ThinkTime", "Turn",
-    "Workload", "agent_schedule", "closed_loop", "metagpt_graph", "open_loop", "sharegpt_like",
-    "truncate_to_context",
+    "ExponentialGap", "LONG_CHAT", "NoGap", "Role", "Schedule", "Session", "ShareGPTLike",
+    "ThinkTime", "Turn", "Workload", "agent_schedule", "closed_loop", "metagpt_graph", "open_loop",
+    "sharegpt_like", "truncate_to_context",
 ]

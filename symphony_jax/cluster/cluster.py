@@ -293,8 +293,7 @@ class Cluster:
     def _dispatch(self, request: _Request) -> None:
         """Place a session's request and send it to its node."""
         session, now = request.session_id, self.now()
-        moving = any(m.session_id == session for m in self.migrations)
-        node = self.scheduler.place(session, now, moving)
+        node = self.scheduler.place(session, now, self._moving(session))
         if self.system.fetch_on_request:
             self._migrate(session, node)
         for m in self.unclaimed.pop(session, []):  # moved for it, before or now
@@ -346,7 +345,7 @@ class Cluster:
         src = self.scheduler.kv_node(session, now)
         if src == dst:
             self.nodes[dst].engine.prefetch_session(session)
-        if src < 0 or src == dst or any(m.session_id == session for m in self.migrations):
+        if src < 0 or src == dst or self._moving(session):
             return
         exported = self.nodes[src].engine.export_session(session, self.nodes[dst].device)
         if exported is None:
@@ -365,6 +364,10 @@ class Cluster:
             self._complete(migration)
         else:
             self.migrations.append(migration)
+
+    def _moving(self, session: int) -> bool:
+        """Whether a copy of ``session``'s K,V is in flight."""
+        return any(m.session_id == session for m in self.migrations)
 
     def _poll_migrations(self) -> None:
         for m in [m for m in self.migrations if transfer.Transfer(m.chunks).is_ready()]:

@@ -83,6 +83,13 @@ class ShareGPTLike:
         extra_mean = (self.mean_turns - (1.0 - m)) / m - 2.0 if m else 0.0
         return 1.0 / (1.0 + extra_mean)
 
+    @property
+    def opening(self) -> tuple[float, float]:
+        """Mean and sigma of the opening prompt's log-normal."""
+        mean, sigma = self.mean_first_input_tokens, self.first_input_sigma
+        return (self.mean_input_tokens if mean is None else mean,
+                self.input_sigma if sigma is None else sigma)
+
 
 # Conversations that open with a long document (Mooncake's first prompts; module docstring).
 LONG_CHAT = ShareGPTLike(mean_first_input_tokens=11271.0, first_input_sigma=1.26)
@@ -102,11 +109,9 @@ def sharegpt_like(num_sessions: int, config: ShareGPTLike = ShareGPTLike(),
     turns = np.where(multi, 2 + extra, 1)
     session_id = np.repeat(sessions, turns)
     turn = positions_in_groups(turns)
-    first = turn == 0
-    mean = np.where(first, _default(config.mean_first_input_tokens, config.mean_input_tokens),
-                    config.mean_input_tokens)
-    sigma = np.where(first, _default(config.first_input_sigma, config.input_sigma),
-                     config.input_sigma)
+    (opening_mean, opening_sigma), first = config.opening, turn == 0
+    mean = np.where(first, opening_mean, config.mean_input_tokens)
+    sigma = np.where(first, opening_sigma, config.input_sigma)
     inputs = _random.lognormal_tokens(mean, sigma, seed, _INPUT, session_id, turn)
     outputs = _random.lognormal_tokens(config.mean_output_tokens, config.output_sigma, seed,
                                        _OUTPUT, session_id, turn)
@@ -114,10 +119,6 @@ def sharegpt_like(num_sessions: int, config: ShareGPTLike = ShareGPTLike(),
     if config.max_context_tokens is None:
         return workload
     return truncate_to_context(workload, config.max_context_tokens)
-
-
-def _default(value, otherwise):
-    return otherwise if value is None else value
 
 
 def truncate_to_context(workload: Workload, max_context_tokens: int) -> Workload:

@@ -300,6 +300,8 @@ def test_systems_and_configs_reject_bad_input(params):
         System("x", SYSTEMS["recompute"].policy, "nearest")
     with pytest.raises(ValueError, match="host tier"):
         System("x", SYSTEMS["recompute"].policy, "least_loaded", hints="migrate")
+    with pytest.raises(ValueError, match="disk tier needs a policy with a host tier"):
+        System("x", SYSTEMS["recompute"].policy, "least_loaded", disk_tier=True)
     with pytest.raises(ValueError, match=r"layer_groups=0: expected an integer >= 1"):
         System("x", SYSTEMS["recompute"].policy, "least_loaded", layer_groups=0)
     with pytest.raises(ValueError, match="num_nodes"):

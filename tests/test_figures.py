@@ -60,7 +60,8 @@ def test_main_result_load_balance_and_ablations(tmp_path):
     no_advisories = next(r for r in rows if r["case"] == "no advisories")
     assert float(no_advisories["migration.transfers_done_before_arrival_fraction"]) == 0
     assert {"no layer-wise loading", "10% missing advisories", "60% false advisories",
-            "host tier / 8"} <= {r["case"] for r in rows}
+            "host tier / 8", "DRAM host + SSD disk", "DRAM host only"} <= {
+        r["case"] for r in rows}
 
 
 def test_real_check_times_each_step_to_the_next_with_the_admissions_before_it():

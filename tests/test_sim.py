@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from symphony_jax.cluster.systems import SYSTEMS
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
 from symphony_jax.scheduler import state as S
 from symphony_jax.sim import node as node_module
@@ -207,6 +208,11 @@ def test_bad_input_is_named():
         SimConfig(CONFIG, num_nodes=0)
     with pytest.raises(ValueError, match="nic_bandwidth"):
         SimConfig(CONFIG, nic_bandwidth=-1.0)
+    with pytest.raises(ValueError, match="disk_bandwidth"):
+        SimConfig(CONFIG, disk_bandwidth=0.0)
+    for bad in (-1.0, True, "1 TB"):
+        with pytest.raises(ValueError, match="disk_bytes"):
+            SimConfig(CONFIG, disk_bytes=bad)
     with pytest.raises(ValueError, match="engine"):
         SimConfig("tiny")
     with pytest.raises(ValueError, match="schedule"):
@@ -340,3 +346,32 @@ def test_a_turns_full_blocks_are_on_the_host_while_its_write_back_is_in_flight()
     again = serve(SimRequest(2, 7, 1, history + 1 + 6, history + 1, 8, node.clock),
                   copies_done=True)
     assert again.recomputed_tokens == history - 24
+
+
+def test_k_v_the_host_tier_evicts_comes_back_from_the_disk_tier_not_recomputed():
+    """One node whose host tier holds one of two sessions: session 1's turn evicts session 0's
+    K,V from the host (and the device), which spills it to the disk tier; session 0's next turn
+    reads it back (sharing the disk with session 1's entry, spilled as session 0's comes in)
+    and recomputes nothing. Without a disk tier it recomputes its whole history."""
+    config = EngineConfig(model_preset("tiny"),
+                          CacheConfig(block_size=8, num_device_blocks=17, num_host_blocks=16),
+                          SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=128,
+                                          max_model_len=128, num_slots=16))
+    w = Workload(session_id=[0, 0, 1], input_tokens=[20, 6, 100], output_tokens=[8, 8, 8],
+                 arrival_s=[0.0, 2.0, 1.0])
+    system = dataclasses.replace(SYSTEMS["sticky_offload"], name="sticky_disk", disk_tier=True)
+    cost, bandwidth = Linear(), 1e5
+    runs = {disk: simulate(open_loop(w), system, SimConfig(config, 1, disk_bytes=disk,
+                                                           disk_bandwidth=bandwidth),
+                           cost).requests for disk in (0.0, 1e6)}
+    history = 20 + 8 - 1
+    assert runs[0.0].recomputed_tokens[1] == history
+    r = runs[1e6]
+    assert r.recomputed_tokens.tolist() == [0, 0, 0] and r.prefill_tokens[1] == 6 + 1
+    read = -(-history // 8) * 8 * config.model.kv_bytes_per_token()  # 4 blocks
+    step = cost.per_step + 7 * cost.per_token
+    assert r.first_token_s[1] == pytest.approx(2.0 + read / (bandwidth / 2) + step, rel=1e-5)
+    # An entry larger than the disk tier is not saved: the history is recomputed.
+    small = simulate(open_loop(w), system, SimConfig(config, 1, disk_bytes=read - 1,
+                                                     disk_bandwidth=bandwidth), cost).requests
+    assert small.recomputed_tokens[1] == history

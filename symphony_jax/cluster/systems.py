@@ -18,9 +18,11 @@ comparison (``SYSTEMS``):
   an advisory picks that node ahead of the request and migrates the session's K,V there (host
   tier, then free device blocks, lower layers first), and the request keeps that pick unless
   the node has become clearly busier by its arrival; a request without one fetches what is
-  elsewhere and loads it layer by layer. Its K,V is managed in ``SYMPHONY_LAYER_GROUPS`` layer
-  groups: room is made by taking the upper-most group of the least recently used idle session
-  first, so sessions stay resident by a prefix of their layers.
+  elsewhere and loads it layer by layer. K,V its host tier evicts goes to the node's disk
+  tier (where it has one; simulator only), and comes back when an advisory (or else the
+  request) asks for it. Its K,V is managed in ``SYMPHONY_LAYER_GROUPS`` layer groups: room is
+  made by taking the upper-most group of the least recently used idle session first, so
+  sessions stay resident by a prefix of their layers.
 - ``oracle``: ``symphony`` with pools ``memory_scale`` times larger and migrations that take no
   time (the cluster's clock stops while one runs): an upper bound.
 """
@@ -48,6 +50,7 @@ class System:
     free_migration: bool = False  # migrations take no time (the clock stops)
     memory_scale: int = 1  # device and host pools times this
     layer_groups: int | None = None  # K,V managed in this many layer groups (None: the engine's)
+    disk_tier: bool = False  # K,V the host tier evicts spills to the node's disk tier, if any
 
     def __post_init__(self):
         if not isinstance(self.policy, Policy):
@@ -56,9 +59,10 @@ class System:
             if getattr(self, field) not in allowed:
                 raise ValueError(f"System({self.name!r}).{field}={getattr(self, field)!r}: "
                                  f"expected one of {', '.join(allowed)}")
-        if (self.hints == "migrate" or self.fetch_on_request) and not self.policy.uses_host:
-            raise ValueError(f"System({self.name!r}): migrating K,V needs a policy with a host "
-                             "tier (retention 'host' or preemption 'swap')")
+        if (self.hints == "migrate" or self.fetch_on_request or self.disk_tier) and \
+                not self.policy.uses_host:
+            raise ValueError(f"System({self.name!r}): migrating K,V or a disk tier needs a "
+                             "policy with a host tier (retention 'host' or preemption 'swap')")
         for field in ("memory_scale", "layer_groups"):
             value = getattr(self, field)
             if field == "layer_groups" and value is None:
@@ -79,9 +83,9 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
     System("ttl", Policy(retention="ttl", ttl_s=TTL_S), "sticky"),
     System("symphony", Policy(retention="host", preemption="swap", layerwise_loading=True),
            "least_loaded", hints="migrate", fetch_on_request=True,
-           layer_groups=SYMPHONY_LAYER_GROUPS),
+           layer_groups=SYMPHONY_LAYER_GROUPS, disk_tier=True),
     System("oracle", Policy(retention="host", preemption="swap"), "least_loaded",
-           fetch_on_request=True, free_migration=True, memory_scale=16),
+           fetch_on_request=True, free_migration=True, memory_scale=16, disk_tier=True),
 )}
 
 

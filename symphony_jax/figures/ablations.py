@@ -1,13 +1,14 @@
 """Ablations of SYMPHONY: layer-wise loading off (the paper: about -18% throughput at heavy
 load), 10% and 20% missing advisories (TPOT 21.3 -> 24.4 ms at 10%), 60% false advisories (-2.1%
-throughput), advisories' lead time scaled, and a host tier 8x smaller."""
+throughput), advisories' lead time scaled, and the memory tiers: a host tier 8x smaller, and
+the paper's DRAM and SSD (per GPU) as host and disk tiers, or DRAM alone."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from symphony_jax.cluster.systems import SYSTEMS
-from symphony_jax.figures.common import Figure, Study, sweep, table, write
+from symphony_jax.figures.common import DRAM_AND_SSD, Figure, Study, sweep, table, write
 from symphony_jax.workloads import AdvisoryConfig
 
 NAME = "ablations"
@@ -43,11 +44,14 @@ def run(out, *, quick: bool = False, seed: int = 0, progress: bool = False,
     """``overrides``: ``Study`` fields."""
     s, default_users = study(quick, **overrides)
     users = users or default_users
-    small_host = dataclasses.replace(s, host_fraction=s.host_fraction / 8)
+    dram = dataclasses.replace(s, **DRAM_AND_SSD)
+    tiers = [("host tier / 8", dataclasses.replace(s, host_fraction=s.host_fraction / 8)),
+             ("DRAM host + SSD disk", dram),
+             ("DRAM host only", dataclasses.replace(dram, disk_bytes=0.0))]
     rows = [{k: v for k, v in row.items() if k not in ("system", "advisories")}
             for row in sweep(s, cases(users), seed, progress)
-            + sweep(small_host, [("host tier / 8", {"system": SYMPHONY, "users": users})],
-                    seed, progress)]
+            + [row for name, changed in tiers for row in sweep(
+                changed, [(name, {"system": SYMPHONY, "users": users})], seed, progress)]]
     base = rows[0]
     for row in rows:
         row["throughput_change"] = (row["throughput.output_tokens_per_s"]
@@ -56,8 +60,8 @@ def run(out, *, quick: bool = False, seed: int = 0, progress: bool = False,
         row["paper"] = PAPER.get(row["case"], "")
     summary = "\n".join([
         f"# SYMPHONY ablations ({users} users, {s.nodes} x {s.gpu}, {s.model})", "",
-        "Changes are relative to `symphony` with every advisory, in the same run. A disk tier "
-        "is not ablated: the simulator has none. Where K,V went (over the whole run): "
+        "Changes are relative to `symphony` with every advisory, in the same run. Where K,V "
+        "went (over the whole run): "
         "`redundant_fraction` of prefilled tokens recomputed history; `transfers` between "
         "nodes, the share of them complete when their request arrived, and their mean time.",
         "", table(rows, ["case", "finished", "tpot_s.mean", "ttft_s.p99",

@@ -42,6 +42,9 @@ TRACE_FILES = {"mooncake": "mooncake/conversation_trace_sessions_reconstructed.c
 # when SLO_ATTAINMENT of its requests do.
 SLO = metrics.SLO(ttft_s=2.0, tpot_s=0.1)
 SLO_ATTAINMENT = 0.9
+# The paper's DRAM and SSD per GPU (a quarter of each node's), the SSD read and written at a
+# quarter of a PCIe 4.0 NVMe drive's ~7-8 GB/s: ``Study`` fields.
+DRAM_AND_SSD = {"host_bytes": 64e9, "disk_bytes": 1e12, "disk_bandwidth": 2e9}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +75,15 @@ class Study:
     # Sessions a node can keep K,V for (running, waiting and idle), per node: enough that
     # memory, not the table, bounds what it keeps (4 x max_num_seqs, the scheduler's default).
     num_slots: int = 1024
-    # Host tier (systems that use one) over the device pool. The paper's nodes hold 256 GB of
-    # DRAM and 4 TB of SSD per 4 A100s; the simulator has no disk tier, so the host tier
-    # stands for both.
+    # A node's host tier (systems that keep K,V on the host): ``host_fraction`` times the
+    # device pool, or ``host_bytes``. By default it stands for DRAM and SSD as one tier (no
+    # disk tier); ``DRAM_AND_SSD`` makes them the paper's two (256 GB of DRAM and 4 TB of SSD
+    # per 4 A100s), the SSD a disk tier of systems with ``disk_tier`` (SYMPHONY's tiered
+    # storage; InferCept-style offloading keeps to DRAM).
     host_fraction: float = 8.0
+    host_bytes: float | None = None
+    disk_bytes: float = 0.0
+    disk_bandwidth: float = 2e9
 
     def __post_init__(self):
         model_preset(self.model), gpu(self.gpu)  # clear errors for unknown names
@@ -93,7 +101,9 @@ class Study:
                                     max_num_batched_tokens=self.max_num_batched_tokens,
                                     max_model_len=self.max_model_len, num_slots=self.num_slots)
         return SimConfig.for_gpu(model_preset(self.model), gpu(self.gpu), scheduler,
-                                 num_nodes=self.nodes, host_fraction=self.host_fraction)
+                                 num_nodes=self.nodes, host_fraction=self.host_fraction,
+                                 host_bytes=self.host_bytes,
+                                 disk_bytes=self.disk_bytes, disk_bandwidth=self.disk_bandwidth)
 
     @property
     def cost(self) -> Roofline:

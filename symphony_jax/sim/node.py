@@ -20,7 +20,8 @@ holds the turn's full blocks from then on, as in the engine (a session purged wh
 in flight recomputes only its partial last block); a sequence preempted by swap copies all its
 blocks not yet on the host, where the engine under write-back has all but the partial one there
 already; a layer-wise restore makes its step last until its copy is in (the copy overlapping
-the step's compute); there is no disk tier.
+the step's compute). A disk tier (``disk_bytes``) keeps the entries the host tier evicts, by
+session, least recently saved first out; the simulator reads them back (``Simulator._migrate``).
 
 Prefix caching keys blocks by (session, block index): a session's token stream only grows, so
 block ``i`` of a session has the same contents in every turn, and sessions share nothing.
@@ -28,6 +29,7 @@ block ``i`` of a session has the same contents in every turn, and sessions share
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -289,12 +291,14 @@ class _Blocks:
 
 class SimNode:
     def __init__(self, index: int, config: EngineConfig, policy: Policy, cost,
-                 launch: Callable[[float, tuple[str, ...], int, Callable[[float], None]], None]):
+                 launch: Callable[[float, tuple[str, ...], int, Callable[[float], None]], None],
+                 disk_bytes: float = 0.0):
         """``launch(time, path, nbytes, on_done)`` starts a copy over links at ``time`` (this
-        node's PCIe link is ``pcie<index>``); ``on_done(end time)`` follows."""
+        node's PCIe link is ``pcie<index>``, its disk ``disk<index>``); ``on_done(end time)``
+        follows. ``disk_bytes``: its disk tier (0: none)."""
         self.index, self.config, self.policy, self.cost = index, config, policy, cost
         self.launch, self.pcie = launch, (f"pcie{index}",)
-        self.links = (f"pcie{index}", f"nic{index}")  # those its flows cross
+        self.links = (f"pcie{index}", f"nic{index}", f"disk{index}")  # those its flows cross
         self.state = S.init(config)
         R = config.scheduler.slots
         self.block_size = config.cache.block_size
@@ -308,6 +312,10 @@ class SimNode:
         self.arriving: set[int] = set()  # migrated in, still on its way to the host tier
         self.to_prefetch: set[int] = set()
         self.prefetching: set[int] = set()
+        # The disk tier: session -> tokens of its K,V saved there, least recently saved first.
+        self.disk: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.disk_bytes, self.disk_used = disk_bytes, 0
+        self.to_disk = 0  # sessions' entries saved to the disk tier
         self.pending: list[SimRequest] = []
         self.requests: dict[int, SimRequest] = {}  # admitted, unfinished
         self.clock = 0.0  # when its next step starts
@@ -515,8 +523,36 @@ class SimNode:
         except HostTierFull:
             self._lose([slot])
             return False
+        self._spill(evicted)
         self._lose([key for key, _ in evicted])
         return True
+
+    def _spill(self, evicted: list) -> None:
+        """Save the sessions' entries the host tier evicted to the disk tier (the least recently
+        saved give way), their bytes crossing the disk link (as ``engine.host_kv``)."""
+        nbytes = 0
+        for slot, entry in evicted:
+            session, size = int(self.slot_session[slot]), self.kv_bytes(entry.tokens)
+            if session == S.NO_SESSION or size > self.disk_bytes:
+                continue
+            self.unsave(session)
+            while self.disk_used + size > self.disk_bytes:
+                self.unsave(next(iter(self.disk)))
+            self.disk[session], self.disk_used = entry.tokens, self.disk_used + size
+            self.to_disk += 1
+            nbytes += size
+        if nbytes:
+            self.launch(self.clock, (f"disk{self.index}",), nbytes, lambda t: None)
+
+    def unsave(self, session_id: int) -> int:
+        """Drop ``session_id``'s entry from the disk tier; returns its tokens (0: none)."""
+        tokens = self.disk.pop(session_id, 0)
+        self.disk_used -= self.kv_bytes(tokens)
+        return tokens
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of a sequence's K,V of ``tokens`` tokens, all layers, whole blocks."""
+        return -(-tokens // self.block_size) * self.block_bytes
 
     def _lose(self, slots: list[int]) -> None:
         if not slots:
@@ -629,8 +665,7 @@ class SimNode:
         (bool[G]), whole blocks."""
         layers = sum(size for g, _, size in kv_cache.group_spans(self.config.layer_groups)
                      if groups[g])
-        return (-(-tokens // self.block_size) * self.block_bytes * layers
-                // self.config.model.num_layers)
+        return self.kv_bytes(tokens) * layers // self.config.model.num_layers
 
     def _blocks_to_prefetch(self, slot: int) -> int:
         """Blocks of the pool a slot's stored K,V takes in one layer group."""

@@ -2,11 +2,11 @@
 
 ``simulate(schedule, system, config, cost)`` serves a workload schedule the way ``cluster.run``
 does, with simulated nodes (``sim.node``: the engine's jitted scheduler state machine, a cost
-model instead of the model) and simulated links (``sim.network``: each node's PCIe link and
-network interface, bandwidth shared by concurrent flows). The global scheduler, placements,
-systems and advisory handling are the real cluster's (``symphony_jax.cluster``), and the
-result is the same ``ClusterRecords`` (without per-token times), so the metrics and figures
-work on either.
+model instead of the model) and simulated links (``sim.network``: each node's PCIe link,
+network interface and disk, bandwidth shared by concurrent flows). The global scheduler,
+placements, systems and advisory handling are the real cluster's (``symphony_jax.cluster``),
+and the result is the same ``ClusterRecords`` (without per-token times), so the metrics and
+figures work on either.
 
 Events: arrivals and advisories (the schedule's, and those its closed loop triggers when a
 request finishes), flow completions, and nodes' reports (first tokens, finishes, copies
@@ -21,6 +21,14 @@ advisories of systems that do not act on them; a node's horizon counts only the 
 can change its own. So no node ever starts a step after an event that could change it: the
 decisions are the ones a node stepping in lockstep with the others would make, however long
 the runs.
+
+A system with ``disk_tier`` on nodes with one keeps what its host tiers evict on the node's
+disk (``SimNode._spill``, as ``engine.host_kv``); a session's K,V that only a disk holds (or
+holds more of) is read back into the host tier of the node its request goes to, crossing that
+disk (and both network interfaces, from another node), when its advisory picks the node or,
+without one, when the request comes; the request waits for it. The engine reads its disk tier
+only when the session's request is admitted on the node holding it; ``System.disk_tier`` is not
+wired to the real cluster.
 
 A node whose steps ahead only decode (``node.advance`` forecasts them: no request finishes,
 nothing is preempted or expires) is *parked* until the first that could report: events
@@ -64,26 +72,33 @@ REPORT, ADVISORY, ARRIVING = 0, 1, 2  # event kinds; at equal times in this orde
 class SimConfig:
     """``num_nodes`` nodes, each with ``engine``'s scheduler and pools (scaled by the system's
     ``memory_scale``), a PCIe link of ``pcie_bandwidth`` and a network interface of
-    ``nic_bandwidth`` (bytes/s, shared by both directions)."""
+    ``nic_bandwidth`` (bytes/s, shared by both directions), and a disk tier of ``disk_bytes``
+    (0: none) read and written at ``disk_bandwidth`` in all, for systems that use one."""
 
     engine: EngineConfig
     num_nodes: int = 2
     pcie_bandwidth: float = 25e9
     nic_bandwidth: float = 12.5e9
+    disk_bytes: float = 0.0
+    disk_bandwidth: float = 2e9
 
     def __post_init__(self):
         if not isinstance(self.engine, EngineConfig):
             _fail(self, "engine", self.engine, "an EngineConfig")
         _check_ints(self, 1, "num_nodes")
-        _check_positive_floats(self, "pcie_bandwidth", "nic_bandwidth")
+        _check_positive_floats(self, "pcie_bandwidth", "nic_bandwidth", "disk_bandwidth")
+        if isinstance(self.disk_bytes, bool) or not isinstance(self.disk_bytes, (int, float)) \
+                or not self.disk_bytes >= 0:
+            _fail(self, "disk_bytes", self.disk_bytes, "a number of bytes >= 0")
 
     @classmethod
     def for_gpu(cls, model: ModelConfig, gpu: GPU, scheduler: SchedulerConfig, *,
                 num_nodes: int = 2, block_size: int = 16, memory_utilization: float = 0.9,
-                host_fraction: float = 1.0) -> SimConfig:
+                host_fraction: float = 1.0, host_bytes: float | None = None,
+                disk_bytes: float = 0.0, disk_bandwidth: float = 2e9) -> SimConfig:
         """Nodes of one ``gpu`` each serving ``model``: K,V blocks in the memory left after
-        the weights (``memory_utilization`` of the GPU's), a host tier of ``host_fraction``
-        times as many blocks, the GPU's links."""
+        the weights (``memory_utilization`` of the GPU's), a host tier of ``host_bytes`` (else
+        ``host_fraction`` times as many blocks as the device), the GPU's links, a disk tier."""
         geometry = Geometry.of(model)
         block_bytes = model.kv_bytes_per_token() * block_size
         free = gpu.memory_bytes * memory_utilization - geometry.weight_bytes
@@ -93,9 +108,10 @@ class SimConfig:
                              f"{scheduler.max_model_len}")
         blocks = int(free // block_bytes)
         cache = CacheConfig(block_size=block_size, num_device_blocks=blocks + 1,
-                            num_host_blocks=int(host_fraction * blocks))
+                            num_host_blocks=int(host_fraction * blocks if host_bytes is None
+                                                else host_bytes // block_bytes))
         return cls(EngineConfig(model, cache, scheduler), num_nodes, gpu.pcie_bandwidth,
-                   gpu.nic_bandwidth)
+                   gpu.nic_bandwidth, disk_bytes, disk_bandwidth)
 
 
 @dataclasses.dataclass
@@ -137,8 +153,10 @@ class Simulator:
         for i in range(config.num_nodes):
             links[f"pcie{i}"] = config.pcie_bandwidth
             links[f"nic{i}"] = config.nic_bandwidth
+            links[f"disk{i}"] = config.disk_bandwidth
         self.network = Network(links)
-        self.nodes = [SimNode(i, engine, self.system.policy, cost, self._launch)
+        disk = config.disk_bytes if self.system.disk_tier else 0.0
+        self.nodes = [SimNode(i, engine, self.system.policy, cost, self._launch, disk)
                       for i in range(config.num_nodes)]
         self.scheduler = GlobalScheduler(self.system, config.num_nodes,
                                          step_tokens=engine.scheduler.max_num_batched_tokens,
@@ -308,7 +326,7 @@ class Simulator:
     def _dispatch(self, request: SimRequest, t: float) -> None:
         session = request.session_id
         index = self.scheduler.place(session, t, session in self.migrating)
-        if self.system.fetch_on_request:
+        if self.system.fetch_on_request or self.system.disk_tier:
             self._migrate(session, index, t)
         for m in self.unclaimed.pop(session, []):  # moved for it, before or now
             m.request_id = request.request_id
@@ -354,40 +372,59 @@ class Simulator:
             self._migrate(session, self.scheduler.advise(session, t), t)
 
     def _migrate(self, session: int, dst: int, t: float) -> None:
-        """Start moving ``session``'s K,V to node ``dst`` if another node holds it; if ``dst``
-        does, bring what its host tier alone holds into free blocks there."""
+        """Start moving ``session``'s K,V to node ``dst`` from the node holding it (its device
+        or host tier, or its disk tier when that holds more); if ``dst`` holds it, bring up
+        what its host tier alone holds (into free blocks) or what its disk tier holds. A system
+        that does not migrate only reads its node's disk tier."""
         # Reading a parked node is reading it at ``t``: its steps change no idle session.
         src = self.scheduler.kv_node(session, t)
-        if src == dst and session not in self.migrating:
-            slot = self.nodes[dst].missing_slot(session)
+        if src < 0 or session in self.migrating or (src != dst and not self.system.migrates):
+            return
+        source = self.nodes[src]
+        if source.held(session):
+            return
+        slot = source.idle_slot(session)
+        tokens = source.session_tokens(slot) if slot is not None else 0
+        if source.disk.get(session, 0) > tokens:
+            path = (f"disk{src}",) + ((f"nic{src}", f"nic{dst}") if src != dst else ())
+            self._move(session, src, dst, source.disk[session], path, t)
+        elif src != dst and tokens:
+            self._move(session, src, dst, tokens, (f"nic{src}", f"nic{dst}"), t)
+        elif src == dst and self.system.migrates:
+            slot = source.missing_slot(session)
             if slot is not None:
                 target = self._at(dst, t)
                 target.prefetch_slot(slot, max(t, target.clock))
-        if src < 0 or src == dst or session in self.migrating:
-            return
-        slot = self.nodes[src].idle_slot(session)
-        if slot is None:
-            return
-        tokens, target = self.nodes[src].session_tokens(slot), self._at(dst, t)
-        dst_slot = target.import_session(session, tokens) if tokens else None
+
+    def _move(self, session: int, src: int, dst: int, tokens: int, path: tuple[str, ...],
+              t: float) -> None:
+        """Copy ``tokens`` of ``session``'s K,V from node ``src`` (its disk tier if ``path``
+        starts there) over ``path`` into ``dst``'s host tier, then into free blocks. Moves
+        between nodes are recorded as migrations."""
+        target = self._at(dst, t)
+        dst_slot = target.import_session(session, tokens)
         if dst_slot is None:
             return
+        if path[0].startswith("disk"):
+            self.nodes[src].unsave(session)
         self.scheduler.where[session] = KVLocation(dst, tokens)
-        nbytes = -(-tokens // target.block_size) * target.block_bytes
+        nbytes = target.kv_bytes(tokens)
         migration = _Migration(session, src, dst, nbytes, t)
         self.migrating[session] = migration
-        self.migrations.append(migration)
-        self.unclaimed.setdefault(session, []).append(migration)
+        if src != dst:
+            self.migrations.append(migration)
+            self.unclaimed.setdefault(session, []).append(migration)
         generation = int(target.generation[dst_slot])
 
         def arrived(end: float) -> None:
             migration.end_s = end
             del self.migrating[session]
             target.imported(dst_slot, tokens, generation)
-            self.nodes[src].drop_session(session)
+            if src != dst:
+                self.nodes[src].drop_session(session)
             target.prefetch(end, instant=self.free)
 
-        self.network.start((f"nic{src}", f"nic{dst}"), 0 if self.free else nbytes, t, arrived)
+        self.network.start(path, 0 if self.free else nbytes, t, arrived)
 
     def _stuck(self) -> str:
         waiting = {n.index: len(n.requests) + len(n.pending) for n in self.nodes if n.busy}

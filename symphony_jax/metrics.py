@@ -36,6 +36,7 @@ Definitions (R requests; "finished" means ``finish_s`` is not NaN):
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -503,9 +504,10 @@ def write_table(path: str | os.PathLike, columns: Mapping[str, np.ndarray]) -> N
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix == ".csv":
         text = [a.astype(str) for a in arrays.values()]
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(",".join(arrays) + "\n")
-            f.writelines(",".join(row) + "\n" for row in zip(*text))
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")  # quotes cells with commas
+            writer.writerow(arrays)
+            writer.writerows(zip(*text))
     elif suffix == ".json":
         data = {name: [None if isinstance(v, float) and math.isnan(v) else v
                        for v in a.tolist()] for name, a in arrays.items()}
@@ -517,12 +519,12 @@ def write_table(path: str | os.PathLike, columns: Mapping[str, np.ndarray]) -> N
 
 def read_csv_table(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarray]:
     """The named columns (as strings) of a CSV written by ``write_table``."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    header = lines[0].split(",") if lines else []
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = list(csv.reader(f))
+    header = lines[0] if lines else []
     if sorted(header) != sorted(names):
         raise ValueError(f"{path}:1: expected the columns {names}, got {header}")
-    cells = [line.split(",") for line in lines[1:]]
+    cells = lines[1:]
     for number, row in enumerate(cells, start=2):
         if len(row) != len(header):
             raise ValueError(f"{path}:{number}: expected {len(header)} fields, got {len(row)}")

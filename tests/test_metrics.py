@@ -233,5 +233,11 @@ def test_tables_are_written_as_plain_files(tmp_path, suffix):
         assert json.loads(path.read_text())["redundant_fraction"] == [0.0, 0.6]
     with pytest.raises(ValueError, match="equal-length"):
         M.write_table(path, {"a": [1, 2], "b": [1]})
+    if suffix == "csv":  # a cell with a comma or a quote reads back as it was
+        cells = {"case": ["DRAM, no disk", 'a "b"'], "value": [1.5, 2.0]}
+        M.write_table(path, cells)
+        back = M.read_csv_table(path, ["case", "value"])
+        assert back["case"].tolist() == cells["case"]
+        assert back["value"].tolist() == ["1.5", "2.0"]
     with pytest.raises(ValueError, match=".csv or .json"):
         M.write_table(tmp_path / "x.txt", table)

@@ -315,7 +315,6 @@ class SimNode:
         # The disk tier: session -> tokens of its K,V saved there, least recently saved first.
         self.disk: collections.OrderedDict[int, int] = collections.OrderedDict()
         self.disk_bytes, self.disk_used = disk_bytes, 0
-        self.to_disk = 0  # sessions' entries saved to the disk tier
         self.pending: list[SimRequest] = []
         self.requests: dict[int, SimRequest] = {}  # admitted, unfinished
         self.clock = 0.0  # when its next step starts
@@ -539,7 +538,6 @@ class SimNode:
             while self.disk_used + size > self.disk_bytes:
                 self.unsave(next(iter(self.disk)))
             self.disk[session], self.disk_used = entry.tokens, self.disk_used + size
-            self.to_disk += 1
             nbytes += size
         if nbytes:
             self.launch(self.clock, (f"disk{self.index}",), nbytes, lambda t: None)

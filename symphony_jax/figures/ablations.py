@@ -48,10 +48,10 @@ def run(out, *, quick: bool = False, seed: int = 0, progress: bool = False,
     tiers = [("host tier / 8", dataclasses.replace(s, host_fraction=s.host_fraction / 8)),
              ("DRAM host + SSD disk", dram),
              ("DRAM host only", dataclasses.replace(dram, disk_bytes=0.0))]
-    rows = [{k: v for k, v in row.items() if k not in ("system", "advisories")}
-            for row in sweep(s, cases(users), seed, progress)
-            + [row for name, changed in tiers for row in sweep(
-                changed, [(name, {"system": SYMPHONY, "users": users})], seed, progress)]]
+    rows = sweep(s, cases(users), seed, progress)
+    for name, changed in tiers:
+        rows += sweep(changed, [(name, {"system": SYMPHONY, "users": users})], seed, progress)
+    rows = [{k: v for k, v in row.items() if k not in ("system", "advisories")} for row in rows]
     base = rows[0]
     for row in rows:
         row["throughput_change"] = (row["throughput.output_tokens_per_s"]

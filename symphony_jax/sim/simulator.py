@@ -386,27 +386,28 @@ class Simulator:
         slot = source.idle_slot(session)
         tokens = source.session_tokens(slot) if slot is not None else 0
         if source.disk.get(session, 0) > tokens:
-            path = (f"disk{src}",) + ((f"nic{src}", f"nic{dst}") if src != dst else ())
-            self._move(session, src, dst, source.disk[session], path, t)
+            self._move(session, src, dst, source.disk[session], t, from_disk=True)
         elif src != dst and tokens:
-            self._move(session, src, dst, tokens, (f"nic{src}", f"nic{dst}"), t)
+            self._move(session, src, dst, tokens, t)
         elif src == dst and self.system.migrates:
             slot = source.missing_slot(session)
             if slot is not None:
                 target = self._at(dst, t)
                 target.prefetch_slot(slot, max(t, target.clock))
 
-    def _move(self, session: int, src: int, dst: int, tokens: int, path: tuple[str, ...],
-              t: float) -> None:
-        """Copy ``tokens`` of ``session``'s K,V from node ``src`` (its disk tier if ``path``
-        starts there) over ``path`` into ``dst``'s host tier, then into free blocks. Moves
-        between nodes are recorded as migrations."""
+    def _move(self, session: int, src: int, dst: int, tokens: int, t: float,
+              from_disk: bool = False) -> None:
+        """Copy ``tokens`` of ``session``'s K,V from node ``src`` (its disk tier, or its host
+        tier and device) into ``dst``'s host tier, then into free blocks. Moves between nodes
+        cross both network interfaces and are recorded as migrations."""
         target = self._at(dst, t)
         dst_slot = target.import_session(session, tokens)
         if dst_slot is None:
             return
-        if path[0].startswith("disk"):
+        path = (f"nic{src}", f"nic{dst}") if src != dst else ()
+        if from_disk:
             self.nodes[src].unsave(session)
+            path = (f"disk{src}",) + path
         self.scheduler.where[session] = KVLocation(dst, tokens)
         nbytes = target.kv_bytes(tokens)
         migration = _Migration(session, src, dst, nbytes, t)

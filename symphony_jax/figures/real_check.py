@@ -119,6 +119,9 @@ def compare(quick: bool, nodes=(1, 2), systems=("recompute", "symphony"),
                 rows.append({"nodes": n, "system": system, "metric": key, "real_s": mean,
                              "real_spread": float(np.ptp(values)) / mean,
                              "simulated_s": sim[key], "error": sim[key] / mean - 1})
+            # Each compiled CPU executable holds hundreds of memory maps: the cases' steps
+            # together would pass the kernel's limit per process (65,530 by default).
+            jax.clear_caches()
             bar.update(1)
     bar.close()
     return rows, notes

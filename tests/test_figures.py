@@ -13,6 +13,7 @@ from symphony_jax.engine.engine import StepRecord
 from symphony_jax.figures import (ablations, figure, load_balance, main_result, real_check,
                                   redundancy)
 from symphony_jax.figures.common import SLO_ATTAINMENT, Study
+from symphony_jax.metrics import TransferRecords
 from symphony_jax.workloads import ShareGPTLike
 
 # Two nodes, a minute of users who read and type 20x faster than people.
@@ -72,6 +73,21 @@ def test_real_check_times_each_step_to_the_next_with_the_admissions_before_it():
     np.testing.assert_allclose(samples.seconds, [0.01, 0.01])  # the idle and last steps: none
     np.testing.assert_array_equal(samples.admitted, [2, 0])
     np.testing.assert_allclose(samples.report_lags, [0.002, 0.005])
+
+
+def test_real_check_takes_the_median_migration_time_beyond_the_bytes():
+    def runs(bytes_, start, end):
+        n = len(bytes_)
+        return TransferRecords(session_id=np.zeros(n, np.int64), request_id=np.zeros(n, np.int64),
+                               src_node=np.zeros(n, np.int64), dst_node=np.ones(n, np.int64),
+                               bytes=np.asarray(bytes_, np.int64), start_s=np.asarray(start),
+                               end_s=np.asarray(end))
+    second = real_check.LINK_BANDWIDTH  # bytes that take one second
+    first = runs([0, second], [0.0, 1.0], [0.003, 2.005])  # 3 ms and 5 ms beyond their bytes
+    unfinished = runs([0, 0], [0.0, 5.0], [0.004, np.nan])
+    assert real_check.migration_latency([first, unfinished]) == pytest.approx(0.004)
+    assert real_check.migration_latency([runs([], [], [])]) == 0.0
+    assert real_check.migration_latency([runs([second], [0.0], [0.5])]) == 0.0  # faster: none
 
 
 def test_real_check_serves_and_simulates_the_same_schedule(tmp_path):

@@ -78,6 +78,21 @@ def test_next_completion_near_links_counts_the_flows_that_can_change_theirs():
     assert net.next_completion(("pcie1",)) == math.inf
 
 
+def test_a_flow_moves_nothing_and_takes_no_bandwidth_during_its_latency():
+    net, done = Network({"a": 100.0}), {}
+    net.start(("a",), 100.0, 0.0, lambda t: done.setdefault("first", t))
+    net.start(("a",), 100.0, 0.0, lambda t: done.setdefault("late", t), latency=0.5)
+    net.start(("a",), 0.0, 0.0, lambda t: done.setdefault("empty", t), latency=0.25)
+    assert net.next_completion() == pytest.approx(0.25)  # the empty flow: latency alone
+    net.advance(10.0)
+    # 50 B alone by 0.5 s, then 50 B/s each: the first ends at 1.5 s, the late one (50 B moved
+    # by then) alone again at 100 B/s.
+    assert done == pytest.approx({"empty": 0.25, "first": 1.5, "late": 2.0})
+    assert net.moved["a"] == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="latency"):
+        net.start(("a",), 1.0, 10.0, lambda t: None, latency=-1.0)
+
+
 def test_network_rejects_bad_links_and_backwards_time():
     with pytest.raises(ValueError, match="'x' bandwidth"):
         Network({"x": 0.0})
@@ -158,6 +173,20 @@ def test_deterministic_and_conserving(name):
                                                     Linear()).requests.recomputed_tokens.sum()
 
 
+def test_a_migration_takes_its_latency_then_its_bytes_time():
+    schedule = chat(advisories=AdvisoryConfig(drop_fraction=0.5))
+    for bandwidth in (math.inf, 1e6):  # B/s of each network interface
+        config = SimConfig(CONFIG, num_nodes=2, nic_bandwidth=bandwidth,
+                           migration_latency_s=0.02)
+        m = simulate(schedule, "symphony", config, Linear()).transfers
+        assert len(m) > 0
+        alone = 0.02 + m.bytes / bandwidth  # each one's time without others on its links
+        if bandwidth == math.inf:
+            np.testing.assert_allclose(m.end_s - m.start_s, alone, rtol=1e-9)
+        else:
+            assert (m.end_s - m.start_s >= alone * (1 - 1e-9)).all()
+
+
 @pytest.mark.parametrize("name", ["recompute", "sticky_offload", "symphony"])
 def test_long_runs_decide_as_stepping_one_at_a_time(name, monkeypatch):
     """Nodes run many steps per call, steady decode steps many at once, and nodes whose next
@@ -210,9 +239,10 @@ def test_bad_input_is_named():
         SimConfig(CONFIG, nic_bandwidth=-1.0)
     with pytest.raises(ValueError, match="disk_bandwidth"):
         SimConfig(CONFIG, disk_bandwidth=0.0)
-    for bad in (-1.0, True, "1 TB"):
-        with pytest.raises(ValueError, match="disk_bytes"):
-            SimConfig(CONFIG, disk_bytes=bad)
+    for field in ("disk_bytes", "migration_latency_s"):
+        for bad in (-1.0, True, "1 TB", math.inf):
+            with pytest.raises(ValueError, match=field):
+                SimConfig(CONFIG, **{field: bad})
     with pytest.raises(ValueError, match="engine"):
         SimConfig("tiny")
     with pytest.raises(ValueError, match="schedule"):

@@ -7,7 +7,8 @@ model is ``Calibrated``, fitted to the steps the real engines of the same case (
 recorded (``Engine(record_steps=True)``: each step's batch, the time to the next step and the
 admissions before it, with the engine's padding of batches to shape buckets, and when its
 tokens were read) in as many timed runs as the comparison has, on another schedule of the same
-workload (another seed), so the comparison is on requests the fit never saw. Every real run is
+workload (another seed), so the comparison is on requests the fit never saw. The same runs'
+migrations give the simulator's ``migration_latency_s`` (``migration_latency``). Every real run is
 preceded by an untimed one of the same schedule, after which every node compiles the steps any
 node ran; the timed run's clock leaves out what still compiles (``replay.timed_replays``). Needs
 as many JAX devices as nodes (``--xla_force_host_platform_device_count``).
@@ -78,6 +79,16 @@ def samples_of(logs) -> StepSamples:
                        np.asarray(lags))
 
 
+def migration_latency(transfers) -> float:
+    """The median time of the completed migrations among ``transfers`` (``TransferRecords``
+    of several runs) beyond their bytes' time at ``LINK_BANDWIDTH``: dispatching the copy and
+    the controller noticing its end (0: none completed)."""
+    extra = np.concatenate([np.zeros(0)] + [
+        (t.end_s - t.start_s - t.bytes / LINK_BANDWIDTH)[np.isfinite(t.end_s)]
+        for t in transfers])
+    return max(float(np.median(extra)), 0.0) if len(extra) else 0.0
+
+
 def stats(records) -> dict[str, float]:
     """Mean and p90 of each of ``METRICS`` over finished requests."""
     out = {}
@@ -99,17 +110,20 @@ def compare(quick: bool, nodes=(1, 2), systems=("recompute", "symphony"),
     rows, notes = [], []
     bar = progress_bar(len(nodes) * len(systems), progress, unit="case")
     for n in nodes:
-        sim_config = SimConfig(CONFIG, n, LINK_BANDWIDTH, LINK_BANDWIDTH)
         for system in systems:
             calibration_runs, _ = timed(calibration, system, n, params, record=True,
                                         repeats=repeats)
             samples = samples_of([log for _, logs in calibration_runs for log in logs])
             cost = fit(samples, Geometry.of(CONFIG.model), limits=CONFIG.scheduler)
+            latency = migration_latency([records.transfers for records, _ in calibration_runs])
+            sim_config = SimConfig(CONFIG, n, LINK_BANDWIDTH, LINK_BANDWIDTH,
+                                   migration_latency_s=latency)
             runs, (compiles, seconds) = timed(evaluation, system, n, params, repeats=repeats)
             notes.append(
                 f"{n} node(s), {system}: fitted to {len(samples)} steps (mean relative error "
                 f"{cost.fit_error:.1%}; {1e3 * cost.admission_s:.2f} ms per admission, "
-                f"{1e3 * cost.report_s:.2f} ms report lag); {repeats} real runs, whose clock "
+                f"{1e3 * cost.report_s:.2f} ms report lag, {1e3 * latency:.2f} ms per "
+                f"migration beyond its bytes); {repeats} real runs, whose clock "
                 f"left out {compiles} compilations ({seconds:.1f} s)")
             real = [stats(records) for records, _ in runs]
             sim = stats(simulate(evaluation, system, sim_config, cost))

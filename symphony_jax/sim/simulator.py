@@ -73,7 +73,9 @@ class SimConfig:
     """``num_nodes`` nodes, each with ``engine``'s scheduler and pools (scaled by the system's
     ``memory_scale``), a PCIe link of ``pcie_bandwidth`` and a network interface of
     ``nic_bandwidth`` (bytes/s, shared by both directions), and a disk tier of ``disk_bytes``
-    (0: none) read and written at ``disk_bandwidth`` in all, for systems that use one."""
+    (0: none) read and written at ``disk_bandwidth`` in all, for systems that use one. A
+    migration between nodes takes ``migration_latency_s`` before its bytes move (dispatch, RPC,
+    noticing its end), on top of their time on the links."""
 
     engine: EngineConfig
     num_nodes: int = 2
@@ -81,15 +83,18 @@ class SimConfig:
     nic_bandwidth: float = 12.5e9
     disk_bytes: float = 0.0
     disk_bandwidth: float = 2e9
+    migration_latency_s: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.engine, EngineConfig):
             _fail(self, "engine", self.engine, "an EngineConfig")
         _check_ints(self, 1, "num_nodes")
         _check_positive_floats(self, "pcie_bandwidth", "nic_bandwidth", "disk_bandwidth")
-        if isinstance(self.disk_bytes, bool) or not isinstance(self.disk_bytes, (int, float)) \
-                or not self.disk_bytes >= 0:
-            _fail(self, "disk_bytes", self.disk_bytes, "a number of bytes >= 0")
+        for field in ("disk_bytes", "migration_latency_s"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not 0 <= value < math.inf:
+                _fail(self, field, value, "a finite number >= 0")
 
     @classmethod
     def for_gpu(cls, model: ModelConfig, gpu: GPU, scheduler: SchedulerConfig, *,
@@ -425,7 +430,8 @@ class Simulator:
                 self.nodes[src].drop_session(session)
             target.prefetch(end, instant=self.free)
 
-        self.network.start(path, 0 if self.free else nbytes, t, arrived)
+        latency = self.config.migration_latency_s if src != dst and not self.free else 0.0
+        self.network.start(path, 0 if self.free else nbytes, t, arrived, latency)
 
     def _stuck(self) -> str:
         waiting = {n.index: len(n.requests) + len(n.pending) for n in self.nodes if n.busy}

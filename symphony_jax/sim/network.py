@@ -96,9 +96,6 @@ class Network:
         self._progress(now)
         return done
 
-    def busy(self, link: str) -> bool:
-        return any(link in f.path for f in self.flows)
-
     def _moving(self, flow: Flow) -> bool:
         return flow.moving_s <= self.now
 
@@ -122,9 +119,8 @@ class Network:
             for name in f.path:
                 crossing[name] += 1
         for f in self.flows:
-            f.rate = 0.0
-        for f in moving:
-            f.rate = min(self.bandwidth[name] / crossing[name] for name in f.path)
+            f.rate = min(self.bandwidth[name] / crossing[name] for name in f.path) \
+                if self._moving(f) else 0.0
 
 
 def _duration(flow: Flow) -> float:

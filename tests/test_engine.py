@@ -189,3 +189,36 @@ def test_prefix_cache_hits_are_exact():
     assert engine.records().prefill_tokens.tolist() == [len(a), len(b) - 32]
     assert [first.token_ids, second.token_ids] == tokens_of(
         Engine(ROOMY, PARAMS).generate([a, b], GREEDY))
+
+
+def test_cache_salts_share_blocks_within_a_tenant_only():
+    """Requests share cached blocks only under one salt; a session keeps its salt."""
+    shared = prompts(8, [40])[0]
+    engine = Engine(ROOMY, PARAMS, policy=Policy(prefix_caching=True))
+
+    def cached(prompt, **kwargs):
+        request = engine.add_request(prompt, GREEDY, **kwargs)
+        while engine.has_unfinished():
+            engine.step()
+        return engine.requests[request].cached_tokens
+
+    assert cached(shared + [1], cache_salt="a") == 0
+    assert cached(shared + [2], cache_salt="b") == 0
+    assert cached(shared + [3]) == 0
+    assert cached(shared + [4], cache_salt="a") == 40
+    assert cached(shared + [5], session_id=7, cache_salt="b") == 40
+    # The session's next turn, and a new session started on its tokens: salt b by default.
+    history = engine.sessions[7]
+    assert cached([6], session_id=7) == len(history) - 1  # its own K,V, kept
+    assert cached(history + [6], session_id=8) == 40 and engine.session_salts[8] is None
+
+
+def test_blocks_completed_by_generation_are_cached_with_their_prompt():
+    """Keys of blocks that sampled tokens complete are chained on the device, equal to the
+    host's keys of the same tokens: a later prompt repeating prompt and output hits them all."""
+    prompt = prompts(9, [13])[0]
+    engine = Engine(ROOMY, PARAMS, policy=Policy(prefix_caching=True))
+    out = engine.generate([prompt], SamplingParams(max_tokens=20))[0]
+    sequence = prompt + out.token_ids  # 33 tokens: blocks 2-4 completed by generation
+    again = engine.generate([sequence[:32] + [5, 6]], GREEDY)[0]
+    assert engine.requests[again.request_id].cached_tokens == 32

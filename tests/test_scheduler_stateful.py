@@ -37,10 +37,11 @@ requests = st.lists(st.fixed_dictionaries(dict(
 class SchedulerMachine(RuleBasedStateMachine):
     policy = Policy(retention="keep")
     limits = LIMITS
+    content_width = 0  # of the prefix cache's blocks
 
     def __init__(self):
         super().__init__()
-        self.state = S.init(CONFIG)
+        self.state = S.init(CONFIG, self.content_width)
         self.now, self.next_id = 0.0, 0
         self.active: dict[int, int] = {}  # request id -> session
 
@@ -103,7 +104,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         table = self.table()
         self.state, slots, reasons = admission.admit(
             self.state, new, limits=self.limits, policy=self.policy,
-            prompt_keys=self.prompt_keys(batch, ids))
+            prompts=self.prompts(batch, ids))
         slots, reasons = np.asarray(slots)[: len(batch)], np.asarray(reasons)[: len(batch)]
         assert reasons.tolist() == self.expected_reasons(batch, table)
         after = self.table()
@@ -111,6 +112,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if reason == S.ADMITTED:
                 assert after["request_id"][slot] == rid and after["status"][slot] == S.WAITING
                 self.active[rid] = req["session"]
+                self.check_admitted(rid, req, slot, table, after)
             else:
                 assert slot == LIMITS.slots and rid not in after["request_id"]
 
@@ -136,13 +138,18 @@ class SchedulerMachine(RuleBasedStateMachine):
             del self.active[rid]
         self.now += 1.0
 
-    def prompt_keys(self, batch, ids):
-        """Block keys of the arriving prompts (prefix caching only)."""
+    def prompts(self, batch, ids):
+        """The arriving prompts as the prefix cache names them (prefix caching only)."""
         return None
 
     def commit_keys(self, before) -> dict:
-        """Block keys of every slot's sequence for commit (prefix caching only)."""
+        """Every slot's sequence as the prefix cache names it, for commit (prefix caching
+        only)."""
         return {}
+
+    def check_admitted(self, request_id: int, request: dict, slot: int, before: dict,
+                       after: dict) -> None:
+        """What must hold of a request just admitted into ``slot`` (prefix caching only)."""
 
     def check_waiting_order(self, before, q, preempted):
         waiting = [s for s in range(LIMITS.slots)
@@ -215,36 +222,61 @@ def test_abort_frees_the_slot_and_its_blocks():
 
 
 class PrefixCachingMachine(SchedulerMachine):
-    """Prompts share prefixes drawn from a few families; finished blocks are cached."""
+    """Prompts share prefixes drawn from a few families; finished blocks are cached. Every
+    fourth prompt forges its family's keys (a collision, on purpose) over another first block:
+    it is never served the family's blocks, nor they its."""
 
     policy = Policy(retention="keep", prefix_caching=True)
-    families = st.integers(0, 2)
+    content_width = 1  # a block's content: one number standing for its tokens
 
     def __init__(self):
         super().__init__()
-        self.keys: dict[int, np.ndarray] = {}  # request id -> u32[MB, 2] keys of its sequence
+        self.named: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # request id -> keys, content
 
-    def prompt_keys(self, batch, ids):
+    def name(self, rid: int) -> tuple[np.ndarray, np.ndarray]:
+        """A request's sequence as the cache names it: ``u32[MB, K]`` keys, ``i32[MB, 1]``."""
         width = self.state.blocks.max_blocks_per_seq
-        keys = np.zeros((N, width, 2), np.uint32)
+        family, shared = rid % 3, (rid * 7) % (width + 1)
+        keys = np.zeros((width, prefix_cache.KEY_WORDS), np.uint32)
+        keys[:, 0] = np.where(np.arange(width) < shared, family + 1, 1000 + rid)
+        keys[:, 1] = np.arange(1, width + 1)
+        content = (keys[:, :1] * 100 + keys[:, 1:2]).astype(np.int32)
+        if rid % 4 == 3:  # a forger: its family's keys over a first block of its own
+            content[0] = -1 - rid
+        return keys, content
+
+    def prompts(self, batch, ids):
+        width = self.state.blocks.max_blocks_per_seq
+        keys = np.zeros((N, width, prefix_cache.KEY_WORDS), np.uint32)
+        content = np.zeros((N, width, 1), np.int32)
         for i, (rid, req) in enumerate(zip(ids, batch)):
-            # The first blocks of a prompt come from its family, then its own blocks follow.
-            family, shared = rid % 3, (rid * 7) % (width + 1)
-            row = [(family + 1, j + 1) if j < shared else (1000 + rid, j + 1)
-                   for j in range(width)]
-            self.keys[rid] = np.asarray(row, np.uint32)
+            self.named[rid] = self.name(rid)
             full = max(req["prompt"], 0) // BS
-            keys[i, :full] = self.keys[rid][:full]
-        return jnp.asarray(keys)
+            keys[i, :full], content[i] = self.named[rid][0][:full], self.named[rid][1]
+        return prefix_cache.Prefixes(jnp.asarray(keys), jnp.asarray(content),
+                                     jnp.full(N, prefix_cache.root_tag(0), jnp.uint32))
 
     def commit_keys(self, before) -> dict:
-        width = self.state.blocks.max_blocks_per_seq
-        keys = np.zeros((self.limits.slots, width, 2), np.uint32)
+        width, R = self.state.blocks.max_blocks_per_seq, self.limits.slots
+        keys = np.zeros((R, width, prefix_cache.KEY_WORDS), np.uint32)
+        content = np.zeros((R, width, 1), np.int32)
         for slot, rid in enumerate(before["request_id"]):
-            if rid in self.keys:
-                keys[slot] = self.keys[rid]
-        return dict(seq_slots=jnp.arange(self.limits.slots, dtype=jnp.int32),
-                    block_keys=jnp.asarray(keys))
+            if rid in self.named:
+                keys[slot], content[slot] = self.named[rid]
+        return dict(seq_slots=jnp.arange(R, dtype=jnp.int32), sequences=prefix_cache.Prefixes(
+            jnp.asarray(keys), jnp.asarray(content), jnp.full(R, prefix_cache.root_tag(0),
+                                                               jnp.uint32)))
+
+    def check_admitted(self, request_id, request, slot, before, after):
+        """The cached blocks a prompt starts from were computed for its own leading blocks (a
+        session's next request starts from its session's K,V instead)."""
+        if request["session"] != S.NO_SESSION and before["session_id"][slot] == request[
+                "session"] and before["status"][slot] != S.EMPTY:
+            return
+        taken = int(after["cached_at_admission"][slot]) // BS
+        rows = np.asarray(self.state.blocks.block_ids[0, slot, :taken])
+        content = np.asarray(self.state.cache.content)[rows]
+        np.testing.assert_array_equal(content, self.named[request_id][1][:taken])
 
     def cache_references(self):
         cache = self.state.cache
@@ -253,14 +285,18 @@ class PrefixCachingMachine(SchedulerMachine):
 
     @invariant()
     def cache_is_consistent(self):
-        """Every cached block sits in its key's bucket and is referenced; buckets agree."""
+        """Every entry sits in its key's set and names a referenced block cached under that
+        key; every cached block has exactly one entry."""
         cache, NB = self.state.cache, BLOCKS
         keys, blocks = np.asarray(cache.keys), np.asarray(cache.blocks)
         block_keys = np.asarray(cache.block_keys)
         ref_counts = np.asarray(self.state.blocks.ref_counts)
-        for bucket in np.flatnonzero(blocks < NB):
-            block = blocks[bucket]
-            assert (block_keys[block] == keys[bucket]).all() and ref_counts[block] >= 1
+        sets = np.asarray(prefix_cache.set_of(cache.keys, cache.num_sets))
+        for where, way in zip(*np.nonzero(blocks < NB)):
+            block = blocks[where, way]
+            assert (block_keys[block] == keys[where, way]).all() and ref_counts[block] >= 1
+            assert sets[where, way] == where
+        assert (keys[blocks == NB] == 0).all()
         cached = np.flatnonzero((block_keys != 0).any(-1))
         assert sorted(blocks[blocks < NB].tolist()) == cached.tolist()
 
@@ -273,29 +309,34 @@ def test_a_prompt_starts_from_its_cached_prefix():
     policy = Policy(prefix_caching=True)
     state = S.init(CONFIG)
     width = state.blocks.max_blocks_per_seq
-    keys = np.zeros((1, width, 2), np.uint32)
-    keys[0, :3] = [(7, 1), (7, 2), (7, 3)]
+
+    def sequences(rows, named):
+        """Prefixes of ``rows`` sequences, ``named[row]`` the first blocks' keys."""
+        keys = np.zeros((rows, width, prefix_cache.KEY_WORDS), np.uint32)
+        for row, blocks in named.items():
+            keys[row, :len(blocks), :2] = blocks
+        return prefix_cache.Prefixes(jnp.asarray(keys), jnp.zeros((rows, width, 0), jnp.int32),
+                                     jnp.full(rows, prefix_cache.root_tag(0), jnp.uint32))
+
     first = S.new_requests([0], [13], [1])  # 3 full blocks of 4, then one token
+    blocks = [(7, 1), (7, 2), (7, 3)]
     state, slots, _ = admission.admit(state, first, limits=LIMITS, policy=policy,
-                                      prompt_keys=jnp.asarray(keys))
+                                      prompts=sequences(1, {0: blocks}))
     state, plan = step.schedule(state, 0.0, limits=LIMITS, policy=policy)
     state, plan = step.schedule(step.commit(state, plan, jnp.zeros(LIMITS.slots, bool), 0.0,
                                             policy=policy)[0], 1.0, limits=LIMITS,
                                 policy=policy)  # the prompt's second chunk
-    full_keys = np.zeros((LIMITS.slots, width, 2), np.uint32)
-    full_keys[int(slots[0])] = keys[0]
     state, finished = step.commit(state, plan, jnp.zeros(LIMITS.slots, bool), 1.0,
                                   policy=policy, seq_slots=jnp.arange(LIMITS.slots),
-                                  block_keys=jnp.asarray(full_keys))
+                                  sequences=sequences(LIMITS.slots, {int(slots[0]): blocks}))
     assert bool(finished[slots[0]])
     # A new prompt with the same first two blocks, then its own.
-    second_keys = np.zeros((1, width, 2), np.uint32)
-    second_keys[0, :3] = [(7, 1), (7, 2), (9, 9)]
     state, slots2, _ = admission.admit(state, S.new_requests([1], [14], [2]), limits=LIMITS,
-                                       policy=policy, prompt_keys=jnp.asarray(second_keys))
+                                       policy=policy,
+                                       prompts=sequences(1, {0: blocks[:2] + [(9, 9)]}))
     slot = int(slots2[0])
     assert int(state.requests.cached_at_admission[slot]) == 2 * BS
-    cached_blocks = prefix_cache.lookup(state.cache, jnp.asarray(keys[0, :2]))
+    cached_blocks = prefix_cache.lookup(state.cache, sequences(1, {0: blocks}).keys[0, :2])
     assert np.asarray(state.blocks.block_ids[0, slot, :2]).tolist() == np.asarray(
         cached_blocks).tolist()
     check_structure(snapshot(state.blocks), BS,

@@ -107,7 +107,8 @@ def prepared(config: EngineConfig, pool: kv_cache.KVPool, tokens: jax.Array,
     if not np.asarray(ok)[:, :n].all():
         raise RuntimeError(f"profile: no blocks for the contexts of batch {step}")
     return device_step.DeviceState(dataclasses.replace(scheduler, blocks=blocks), pool, tokens,
-                                   SamplingTable.create(R, 8))
+                                   SamplingTable.create(R, 8),
+                                   *device_step.empty_block_keys(config, POLICY.prefix_caching))
 
 
 def timed_step(device: device_step.DeviceState, params, config: EngineConfig):

@@ -23,7 +23,7 @@ from symphony_jax.memory import transfer
 from symphony_jax.memory.kv_cache import KVPool
 from symphony_jax.model import llama
 from symphony_jax.model.params import LlamaParams
-from symphony_jax.scheduler import admission, batch
+from symphony_jax.scheduler import admission, batch, prefix_cache
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler import step as scheduler_step
 from symphony_jax.scheduler.policy import Policy
@@ -40,6 +40,10 @@ class DeviceState:
     pool: KVPool
     tokens: jax.Array  # i32[R, L]  each slot's sequence: prompt (history included), generated
     sampling: SamplingTable
+    # With prefix caching (else MB = 0): each slot's root key, then the keys of its sequence's
+    # blocks whose tokens are all known (``engine.hashing``), and its root tag.
+    block_keys: jax.Array  # u32[R, MB + 1, K]
+    root_tags: jax.Array  # u32[R]
 
 
 @jax.tree_util.register_dataclass
@@ -130,23 +134,64 @@ def padding(config: EngineConfig, restores: tuple[int, int] | None,
                  for g in range(config.cache.num_layer_groups))
 
 
-def _keys(tokens: jax.Array, lengths: jax.Array, blocks) -> jax.Array:
-    return hashing.block_keys(tokens, lengths, blocks.block_size, blocks.max_blocks_per_seq)
+def empty_block_keys(config: EngineConfig, prefix_caching: bool) -> tuple[jax.Array, jax.Array]:
+    """``DeviceState.block_keys`` and ``root_tags`` of an engine with no request yet."""
+    width = config.max_blocks_per_seq if prefix_caching else 0
+    R = config.scheduler.slots
+    return (jnp.zeros((R, width + 1, prefix_cache.KEY_WORDS), jnp.uint32),
+            jnp.zeros(R, jnp.uint32))
+
+
+def _by_block(tokens: jax.Array, blocks) -> jax.Array:
+    """i32[N, MB, BS]: sequences ``tokens`` (i32[N, L]) cut into blocks: what verifies a
+    prefix cache hit."""
+    width = blocks.max_blocks_per_seq * blocks.block_size
+    tokens = jnp.pad(tokens, ((0, 0), (0, max(0, width - tokens.shape[1]))))[:, :width]
+    return tokens.reshape(tokens.shape[0], blocks.max_blocks_per_seq, blocks.block_size)
+
+
+def _prefixes(device: DeviceState, rows: jax.Array, tokens: jax.Array) -> prefix_cache.Prefixes:
+    """Sequences ``tokens`` (i32[N, L]) of slots ``rows`` (i32[N]) as the prefix cache names
+    their blocks: keys, the token ids that verify them, root tags."""
+    return prefix_cache.Prefixes(device.block_keys.at[rows, 1:].get(mode="fill", fill_value=0),
+                                 _by_block(tokens, device.scheduler.blocks),
+                                 device.root_tags.at[rows].get(mode="fill", fill_value=0))
+
+
+def _hash_completed(device: DeviceState, slots: jax.Array, positions: jax.Array,
+                    sampled: jax.Array) -> jax.Array:
+    """``device.block_keys`` with the key of each block that a sampled token completes: the
+    token at ``positions[b]`` of slot ``slots[b]`` where ``sampled[b]`` (``device.tokens``
+    already holds it)."""
+    bs = device.scheduler.blocks.block_size
+    block = positions // bs
+    completes = sampled & ((positions + 1) % bs == 0)
+    parent = device.block_keys.at[slots, block].get(mode="fill", fill_value=0)
+    tokens = device.tokens.at[slots[:, None], block[:, None] * bs + jnp.arange(bs)].get(
+        mode="fill", fill_value=0)
+    rows = jnp.where(completes, slots, device.tokens.shape[0])
+    return device.block_keys.at[rows, block + 1].set(hashing.chain(parent, tokens), mode="drop")
 
 
 @functools.partial(jax.jit, donate_argnames="device", static_argnames=("config", "policy"))
-def admit(device: DeviceState, new: S.NewRequests, prompts: jax.Array, rows: SamplingTable, *,
-          config: EngineConfig, policy: Policy):
-    """Admit ``new`` requests and write their prompts (``i32[N, L]``) and sampling rows into
-    their slots. Returns the device state, each request's slot and reason."""
-    keys = (_keys(prompts, new.prompt_len, device.scheduler.blocks) if policy.prefix_caching
-            else None)
+def admit(device: DeviceState, new: S.NewRequests, prompts: jax.Array, rows: SamplingTable,
+          keys: jax.Array, roots: jax.Array, *, config: EngineConfig, policy: Policy):
+    """Admit ``new`` requests and write their prompts (``i32[N, L]``), sampling rows and, with
+    prefix caching, their prompts' block keys (``u32[N, MB + 1, K]``: root key, then the full
+    blocks', zeros after) and root tags (``u32[N]``) into their slots. Returns the device
+    state, each request's slot and reason."""
+    named = None
+    if policy.prefix_caching:
+        named = prefix_cache.Prefixes(keys[:, 1:], _by_block(prompts, device.scheduler.blocks),
+                                      roots)
     scheduler, slots, reasons = admission.admit(device.scheduler, new, limits=config.scheduler,
-                                                policy=policy, prompt_keys=keys)
+                                                policy=policy, prompts=named)
     target = jnp.where(reasons == S.ADMITTED, slots, device.tokens.shape[0])
     return dataclasses.replace(
         device, scheduler=scheduler, tokens=device.tokens.at[target].set(prompts, mode="drop"),
-        sampling=device.sampling.put(target, rows)), slots, reasons
+        sampling=device.sampling.put(target, rows),
+        block_keys=device.block_keys.at[target].set(keys, mode="drop"),
+        root_tags=device.root_tags.at[target].set(roots, mode="drop")), slots, reasons
 
 
 @functools.partial(jax.jit, donate_argnames="scheduler",
@@ -197,15 +242,18 @@ def run(device: DeviceState, params: LlamaParams, plan: scheduler_step.StepPlan,
     writes = jnp.where(samples, layout.seq_slots, R)
     tokens = device.tokens.at[writes, layout.context_lens].set(sampled, mode="drop")
     stop = jnp.zeros(R, bool).at[writes].set(is_stop(sampled, table.stop_ids), mode="drop")
-    keys = None
-    if policy.prefix_caching:  # keys of the batch's sequences, for blocks that finish cached
-        rows = tokens.at[layout.seq_slots].get(mode="fill", fill_value=0)
-        keys = _keys(rows, layout.context_lens, scheduler.blocks)
+    device = dataclasses.replace(device, tokens=tokens)
+    sequences = None
+    if policy.prefix_caching:  # the batch's sequences, for blocks that finish cached
+        device = dataclasses.replace(device, block_keys=_hash_completed(
+            device, layout.seq_slots, layout.context_lens, samples))
+        sequences = _prefixes(device, layout.seq_slots,
+                              tokens.at[layout.seq_slots].get(mode="fill", fill_value=0))
     scheduler, finished = scheduler_step.commit(scheduler, plan, stop, now, policy=policy,
-                                                seq_slots=layout.seq_slots, block_keys=keys)
+                                                seq_slots=layout.seq_slots, sequences=sequences)
     r = scheduler.requests
     outputs = StepOutputs(
         jnp.stack([layout.seq_slots, sampled, samples.astype(i32),
                    finished.at[layout.seq_slots].get(mode="fill", fill_value=False).astype(i32)]),
         jnp.stack([r.request_id, r.cached_at_admission, r.computed, r.recomputed_history]))
-    return (dataclasses.replace(device, scheduler=scheduler, pool=pool, tokens=tokens), outputs)
+    return dataclasses.replace(device, scheduler=scheduler, pool=pool), outputs

@@ -30,7 +30,7 @@ import numpy as np
 
 from symphony_jax import metrics
 from symphony_jax.config import EngineConfig
-from symphony_jax.engine import device_step
+from symphony_jax.engine import device_step, hashing
 from symphony_jax.engine.device_step import (CACHED, COMPUTED, FINISHED, NUM_COUNTS, RECOMPUTED,
                                               REQUEST, SAMPLED, SLOT, TOKEN)
 from symphony_jax.engine.host_kv import HostKV
@@ -38,7 +38,7 @@ from symphony_jax.engine.sampling import SamplingParams, SamplingTable
 from symphony_jax.memory import kv_cache, transfer
 from symphony_jax.memory.disk_tier import DiskTier
 from symphony_jax.model.params import LlamaParams
-from symphony_jax.scheduler import admission, batch, tiers
+from symphony_jax.scheduler import admission, batch, prefix_cache, tiers
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler.policy import Policy
 
@@ -89,6 +89,7 @@ class _Request:
     session_id: int
     turn_index: int  # requests of its session before it
     arrival_s: float
+    cache_salt: str | None
     output: list[int] = dataclasses.field(default_factory=list)
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_s: float = float("nan")
@@ -127,15 +128,22 @@ class Engine:
                                DiskTier(disk_dir) if disk_dir is not None else None)
         put = lambda tree: jax.device_put(tree, self.device_)
         self.params = put(params)
+        caching = policy.prefix_caching
         self.device = put(device_step.DeviceState(
-            scheduler=S.init(config), pool=kv_cache.create(config.model, config.cache),
-            tokens=jnp.zeros((slots, config.scheduler.max_model_len), jnp.int32),
-            sampling=SamplingTable.create(slots, max_stop_ids)))
+            S.init(config, config.cache.block_size if caching else 0),
+            kv_cache.create(config.model, config.cache),
+            jnp.zeros((slots, config.scheduler.max_model_len), jnp.int32),
+            SamplingTable.create(slots, max_stop_ids),
+            *device_step.empty_block_keys(config, caching)))
         self.start = clock() if start is None else start
         self.free_blocks = config.cache.num_device_blocks - 1  # after the last step's schedule
         self.requests: dict[int, _Request] = {}
         self.sessions: dict[int, list[int]] = {}  # a session's tokens so far
         self.turns: dict[int, int] = {}  # requests seen per session
+        self.session_salts: dict[int, str | None] = {}  # a session's default cache salt
+        self.salt_ids: dict[str | None, int] = {None: 0}  # root tags of the salts seen
+        # Per session, the last prompt hashed for prefix caching: its salt, tokens, block keys.
+        self.session_keys: dict[int, tuple[str | None, list[int], np.ndarray]] = {}
         self.unfinished = 0
         self.pending: list[_Request] = []
         self.aborting: list[int] = []
@@ -152,12 +160,14 @@ class Engine:
         return self.clock() - self.start
 
     def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
-                    *, session_id: int | None = None,
-                    history: Sequence[int] | None = None) -> int:
+                    *, session_id: int | None = None, history: Sequence[int] | None = None,
+                    cache_salt: str | None = None) -> int:
         """Queue a request; returns its id. ``prompt`` is text (needs a tokenizer) or token ids
         — the new tokens only, when it continues a session. ``history``: the session's tokens
         so far when they come from elsewhere (a cluster moves sessions between engines);
-        default: what this engine has seen of the session."""
+        default: what this engine has seen of the session. ``cache_salt``: with prefix caching,
+        requests share cached blocks only with requests of the same salt (a tenant's); a
+        session's salt stays its default for its later requests."""
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling={sampling!r}: expected a SamplingParams")
@@ -174,14 +184,20 @@ class Engine:
                                        or session_id < 0):
             raise ValueError(f"add_request: session_id={session_id!r}, expected None or an "
                              "integer >= 0")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"add_request: cache_salt={cache_salt!r}, expected None or a str")
         session = S.NO_SESSION if session_id is None else int(session_id)
+        if session != S.NO_SESSION:
+            if cache_salt is None:
+                cache_salt = self.session_salts.get(session)
+            self.session_salts[session] = cache_salt
         history = self.sessions.get(session, []) if history is None else [int(t) for t in history]
         if any(not 0 <= t < vocab for t in history):
             raise ValueError(f"add_request: history must be token ids in [0, {vocab})")
         turn = self.turns.get(session, 0)
         self.turns[session] = turn + 1
         request = _Request(next(self.ids), history + new, max(len(history) - 1, 0), sampling,
-                           session, turn, self.now())
+                           session, turn, self.now(), cache_salt)
         self.requests[request.request_id] = request
         self.unfinished += 1
         if len(request.prompt) + sampling.max_tokens > self.config.scheduler.max_model_len:
@@ -458,8 +474,9 @@ class Engine:
         rows = SamplingTable.rows([r.sampling for r in batch],
                                   [r.request_id if r.sampling.seed is None else r.sampling.seed
                                    for r in batch], self.eos_token_ids, self.max_stop_ids, n)
+        keys, roots = self._block_keys(batch, n)
         self.device, slots, reasons = device_step.admit(self.device, new, jnp.asarray(prompts),
-                                                        rows, config=self.config,
+                                                        rows, keys, roots, config=self.config,
                                                         policy=self.policy)
         slots, reasons = jax.device_get((slots, reasons))
         admitted = []
@@ -477,6 +494,27 @@ class Engine:
         if self.host is not None:
             self.device = self.host.admitted(self.device, admitted)
         return len(batch)
+
+    def _block_keys(self, batch: list[_Request], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ``device_step.admit``'s ``keys`` and ``roots`` for ``batch`` (``n`` rows):
+        each prompt's root key and full blocks' keys (hashed here, a session's blocks once),
+        and its salt's root tag."""
+        keys = np.zeros((n, *self.device.block_keys.shape[1:]), np.uint32)
+        roots = np.zeros(n, np.uint32)
+        if not self.policy.prefix_caching:
+            return keys, roots
+        bs = self.config.cache.block_size
+        for i, r in enumerate(batch):
+            root = hashing.root_key(r.cache_salt)
+            salt, tokens, known = self.session_keys.get(r.session_id, (None, [], None))
+            same = salt == r.cache_salt and r.prompt[:len(tokens)] == tokens
+            full = hashing.prompt_keys(r.prompt, bs, root, known if same else None)
+            if r.session_id != S.NO_SESSION:
+                self.session_keys[r.session_id] = (r.cache_salt, r.prompt, full)
+            keys[i, 0], keys[i, 1:1 + len(full)] = root, full
+            roots[i] = prefix_cache.root_tag(self.salt_ids.setdefault(r.cache_salt,
+                                                                      len(self.salt_ids)))
+        return keys, roots
 
     def _collect(self, inflight) -> list[RequestOutput]:
         """Outputs of a dispatched step (already complete or nearly), and host decisions."""

@@ -43,13 +43,13 @@ def _first_of_session(session_id: jax.Array, valid: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, donate_argnames="state", static_argnames=("limits", "policy"))
 def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfig,
-          policy: Policy = Policy(), prompt_keys: jax.Array | None = None):
+          policy: Policy = Policy(), prompts: prefix_cache.Prefixes | None = None):
     """Admit ``new`` requests in batch order. Returns the state, each request's slot (``R``
     where none) and its reason (``state.ADMITTED`` or why not).
 
-    With ``policy.prefix_caching``, ``prompt_keys`` (``u32[N, max_blocks_per_seq, 2]``, the
-    prompt's block keys; zeros past its full blocks) let a request starting from nothing take
-    the longest cached prefix of its prompt, all but its last token.
+    With ``policy.prefix_caching``, ``prompts`` (the prompts' blocks as the prefix cache names
+    them, ``max_blocks_per_seq`` each; keys zeros past a prompt's full blocks) let a request
+    starting from nothing take the longest cached prefix of its prompt, all but its last token.
     """
     if policy.prefix_caching and state.blocks.num_groups != 1:
         raise ValueError("admit: prefix caching needs a block table with one layer group, not "
@@ -102,11 +102,11 @@ def admit(state: S.SchedulerState, new: S.NewRequests, *, limits: SchedulerConfi
         r.host_tokens.at[own].get(mode="fill", fill_value=0) >= new.prompt_len)
     stale = mark(got, fresh) | mark(reuse & (covers | expired), own)
     table = bt.free_where(table, stale)
-    if policy.prefix_caching and prompt_keys is not None:
+    if policy.prefix_caching and prompts is not None:
         starts_empty = (reason == S.ADMITTED) & (table.num_tokens[0].at[slot].get(
             mode="fill", fill_value=1) == 0)
         limit = jnp.where(starts_empty, (new.prompt_len - 1) // table.block_size, 0)
-        blocks, counts = prefix_cache.match(cache, prompt_keys, limit)
+        blocks, counts = prefix_cache.match(cache, prompts, limit)
         table, _ = bt.adopt(table, jnp.where(counts > 0, slot, R), blocks, counts)
         cache = prefix_cache.touch(cache, blocks, new.arrival[:, None])
     cached = table.num_tokens[0]

@@ -145,8 +145,9 @@ def new_requests(request_id, prompt_len, max_new_tokens, *, session_id=None, his
     )
 
 
-def init(config: EngineConfig) -> SchedulerState:
-    """An empty scheduler: every slot EMPTY, every block free."""
+def init(config: EngineConfig, content_width: int = 0) -> SchedulerState:
+    """An empty scheduler: every slot EMPTY, every block free. ``content_width``: what the
+    prefix cache verifies a hit against, per block (the engine: its token ids)."""
     R = config.scheduler.slots
     zeros = lambda dtype=np.int32: jnp.zeros(R, dtype)
     return SchedulerState(
@@ -158,5 +159,5 @@ def init(config: EngineConfig) -> SchedulerState:
             cached_at_admission=zeros(), computed=zeros(), recomputed_history=zeros(),
             preemptions=zeros(), host_tokens=zeros()),
         blocks=bt.from_config(config),
-        cache=prefix_cache.create(config.cache.num_device_blocks),
+        cache=prefix_cache.create(config.cache.num_device_blocks, content_width),
     )

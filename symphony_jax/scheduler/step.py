@@ -327,25 +327,26 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
 
 @functools.partial(jax.jit, donate_argnames="state", static_argnames="policy")
 def commit(state: S.SchedulerState, plan: StepPlan, stop: jax.Array, now, *, policy: Policy,
-           seq_slots: jax.Array | None = None, block_keys: jax.Array | None = None):
+           seq_slots: jax.Array | None = None, sequences: prefix_cache.Prefixes | None = None):
     """Count the tokens the step sampled; finish requests that hit a stop flag (bool[R], set by
     the executor for its sampled tokens) or ``max_new_tokens``; keep or drop their K,V as the
     retention policy says. Returns the state and the slots that finished (bool[R]).
 
     With ``policy.prefix_caching``, the full blocks of finishing requests among ``seq_slots``
-    (i32[B]) enter the prefix cache under ``block_keys`` (u32[B, max_blocks_per_seq, 2]).
+    (i32[B]) enter the prefix cache as ``sequences`` (B rows) names them.
     """
     r, table, cache = state.requests, state.blocks, state.cache
     generated = r.num_generated + plan.samples
     finished = plan.samples & (stop | (generated >= r.max_new_tokens))
-    if policy.prefix_caching and block_keys is not None:
+    if policy.prefix_caching and sequences is not None:
         rows = table.block_ids[0].at[seq_slots].get(mode="fill", fill_value=0)
         full = table.num_tokens[0].at[seq_slots].get(mode="fill", fill_value=0) // (
             table.block_size)
         valid = finished.at[seq_slots].get(mode="fill", fill_value=False)[:, None] & (
             jnp.arange(rows.shape[1]) < full[:, None])
-        cache, table = prefix_cache.register(cache, table, block_keys.reshape(-1, 2),
-                                             rows.reshape(-1), valid.reshape(-1), now)
+        cache, table = jax.lax.cond(
+            valid.any(), lambda: prefix_cache.register(cache, table, sequences, rows, valid, now),
+            lambda: (cache, table))
     keep = finished & (r.session_id != S.NO_SESSION) & (policy.retention != "drop")
     dropped = finished & ~keep
     table = bt.free_where(table, dropped)

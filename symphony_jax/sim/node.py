@@ -43,7 +43,7 @@ from symphony_jax.config import EngineConfig
 from symphony_jax.memory import block_table as bt
 from symphony_jax.memory import kv_cache
 from symphony_jax.memory.host_tier import HostTier, HostTierFull
-from symphony_jax.scheduler import admission, tiers
+from symphony_jax.scheduler import admission, prefix_cache, tiers
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler import step as scheduler_step
 from symphony_jax.scheduler.batch import padded
@@ -118,12 +118,17 @@ def _layout(R: int):
     return layout, tree
 
 
-def block_keys(session_id: jax.Array, request_id: jax.Array, max_blocks: int) -> jax.Array:
-    """u32[N, max_blocks, 2]: synthetic content keys of N sequences, (owner + 1, block + 1); the
-    owner is the session (a request without one owns its blocks alone)."""
+def prefixes(session_id: jax.Array, request_id: jax.Array, max_blocks: int) -> prefix_cache.Prefixes:
+    """N sequences' blocks as the prefix cache names them: synthetic keys ``(owner + 1, block +
+    1, 0, 0)``, exact, so with nothing to verify; the owner is the session (a request without
+    one owns its blocks alone)."""
     owner = jnp.where(session_id != S.NO_SESSION, session_id, (1 << 30) + request_id) + 1
     blocks = jnp.arange(1, max_blocks + 1, dtype=u32)
-    return jnp.stack(jnp.broadcast_arrays(owner.astype(u32)[:, None], blocks[None, :]), -1)
+    ids = jnp.broadcast_arrays(owner.astype(u32)[:, None], blocks[None, :])
+    keys = jnp.stack([*ids, *[jnp.zeros_like(ids[0])] * (prefix_cache.KEY_WORDS - 2)], -1)
+    N = session_id.shape[0]
+    return prefix_cache.Prefixes(keys, jnp.zeros((N, max_blocks, 0), i32),
+                                 jnp.full(N, prefix_cache.root_tag(0), u32))
 
 
 def _steady(state: S.SchedulerState, limits) -> jax.Array:
@@ -193,10 +198,10 @@ def advance(state: S.SchedulerState, start, horizon, wake_free, *, limits, polic
         new, plan = scheduler_step.schedule(state, now, limits=limits, policy=policy)
         context = new.cached_tokens - plan.query_lens
         dt = jnp.where(plan.num_seqs > 0, cost.step_time(plan.query_lens, context), 0.0)
-        keys = (block_keys(new.requests.session_id, new.requests.request_id,
-                           new.blocks.max_blocks_per_seq) if policy.prefix_caching else None)
+        sequences = (prefixes(new.requests.session_id, new.requests.request_id,
+                              new.blocks.max_blocks_per_seq) if policy.prefix_caching else None)
         new, finished = scheduler_step.commit(new, plan, no, now + dt, policy=policy,
-                                              seq_slots=slots, block_keys=keys)
+                                              seq_slots=slots, sequences=sequences)
         first = plan.samples & (state.requests.num_generated == 0)
         elapsed = out.elapsed + dt
         return new, dataclasses.replace(
@@ -381,12 +386,13 @@ class SimNode:
                              session_id=[r.session_id for r in ready],
                              history_len=[max(r.history_len - 1, 0) for r in ready],
                              arrival=[r.arrival_s for r in ready], size=ADMIT_BATCH)
-        keys = None
+        prompts = None
         if self.policy.prefix_caching:  # the prompts' full blocks
             full = jnp.arange(MB) < (new.prompt_len // self.block_size)[:, None]
-            keys = jnp.where(full[..., None], block_keys(new.session_id, new.request_id, MB), 0)
+            prompts = prefixes(new.session_id, new.request_id, MB)
+            prompts = dataclasses.replace(prompts, keys=jnp.where(full[..., None], prompts.keys, 0))
         self.state, slots, reasons = admission.admit(
-            self.state, new, limits=self.config.scheduler, policy=self.policy, prompt_keys=keys)
+            self.state, new, limits=self.config.scheduler, policy=self.policy, prompts=prompts)
         slots, reasons = jax.device_get((slots, reasons))
         rejected = []
         for r, slot, reason in zip(ready, slots.tolist(), reasons.tolist()):

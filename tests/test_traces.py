@@ -235,6 +235,7 @@ def test_burstgpt_both_layouts(tmp_path):
     (lambda t: t.replace(",472,", ",many,"), 2, "Request tokens"),
     (lambda t: t.replace("Total tokens,", ""), 1, "Total tokens"),
     (lambda t: t.replace("118.0,", "-118.0,"), 4, "Timestamp"),
+    (lambda t: t.replace(",693,", ",694,"), 4, "Total tokens"),  # not request + response
 ])
 def test_burstgpt_errors(tmp_path, edit, line, field):
     with pytest.raises(TraceFormatError) as error:
@@ -277,6 +278,9 @@ def test_sharegpt(tmp_path):
     ('[\n{"conversations": "none"}]', 2, "conversations"),
     ('[{"conversations": []},\n{"conversations": [}]', 2, "[1]"),  # truncated / invalid
     ('{"conversations": []}', 1, "<file>"),
+    ('[{"conversations": []}\n {"conversations": []}]', 2, "[0]"),  # no ',' after [0]
+    ('[\n ]', 2, "<file>"),  # empty, as a JSON-lines trace with no record is
+    ('[{"conversations": [{"from": "human", "value": "q"}]}]', 1, "<file>"),  # no turn
 ])
 def test_sharegpt_errors(tmp_path, document, line, field):
     with pytest.raises(TraceFormatError) as error:

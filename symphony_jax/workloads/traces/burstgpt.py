@@ -10,7 +10,8 @@ Header of ``BurstGPT_1.csv`` / ``BurstGPT_2.csv`` (release v1.x)::
 - ``Timestamp``: seconds since 00:00 of the log's first day (a number >= 0);
 - ``Model``: a non-empty string (``ChatGPT`` or ``GPT-4`` in the published files);
 - ``Request tokens``, ``Response tokens``, ``Total tokens``: integers >= 0 (a failed request
-  has 0 response tokens; ``to_workload`` refuses those unless ``drop_failed=True``);
+  has 0 response tokens; ``to_workload`` refuses those unless ``drop_failed=True``), the
+  total their sum (a row where it is not was logged wrong, and is an error);
 - ``Log Type``: ``Conversation log`` or ``API log``;
 - ``Session ID`` (optional): the conversation id, blank on API rows (and allowed blank
   anywhere: such a row has no session);
@@ -54,8 +55,12 @@ def load_burstgpt(path: str | os.PathLike) -> TraceRequests:
         key = key.strip()
         if key:
             session[i] = keys.setdefault(key, len(keys))
+    request, response, total = (integers(name) for name in (
+        "Request tokens", "Response tokens", "Total tokens"))
+    raise_at(path, lines, "Total tokens", total != request + response, text["Total tokens"],
+             "Request tokens + Response tokens")
     return TraceRequests(
         str(path), lines, strings_to_numbers(path, lines, text["Timestamp"], "Timestamp"),
-        integers("Request tokens"), integers("Response tokens"), session, tuple(keys),
-        columns={"model": model, "log_type": log_type,
-                 "total_tokens": integers("Total tokens"), "elapsed_s": elapsed})
+        request, response, session, tuple(keys),
+        columns={"model": model, "log_type": log_type, "total_tokens": total,
+                 "elapsed_s": elapsed})

@@ -10,7 +10,8 @@ conversation starts and the field (``conversations[3].from``).
 A turn is a question followed by its answer. Consecutive messages from the same side are one
 message (joined by a newline). Answers before the first question answer nothing, and a last
 question without an answer has no output length: neither is part of a turn. A conversation
-with no complete turn yields no session. Session ids are positions in the array (0-based),
+with no complete turn yields no session; a file with no complete turn at all (``[]`` included)
+is an error, as a JSON-lines or CSV trace with no record is. Session ids are positions in the array (0-based),
 so they map back to the file; the workload has no arrival times (ShareGPT has none).
 
 Token counts come from ``tokenize`` (text -> token ids; the question's ids are kept as
@@ -46,6 +47,9 @@ def load_sharegpt(path: str | os.PathLike, *,
             sessions.append(position)
             questions.append(question)
             answers.append(answer)
+    if not questions:
+        raise TraceFormatError(path, 1, "<file>", "a conversation with a complete turn",
+                               "none")
     if tokenize is None:
         count = lambda text: max(1, math.ceil(len(text) / chars_per_token))
         ids = None
@@ -76,21 +80,21 @@ def _array_items(path) -> Iterator[tuple[int, int, object]]:
         line += text.count("\n", counted, pos)
         counted = pos
         if text.startswith("]", pos) and position == 0:
-            break
+            raise TraceFormatError(path, line, "<file>", "at least one conversation",
+                                   "an empty array")
         try:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise TraceFormatError(path, e.lineno, f"[{position}]", f"a JSON value ({e.msg})",
                                    text[e.pos:e.pos + 20]) from None
         yield position, line, value
-        position += 1
         pos = _SPACE.match(text, pos).end()
         if text.startswith("]", pos):
             break
         if not text.startswith(",", pos):
             raise TraceFormatError(path, 1 + text.count("\n", 0, pos), f"[{position}]",
                                    "',' or ']' after an array element", text[pos:pos + 20])
-        pos += 1
+        position, pos = position + 1, pos + 1
     rest = _SPACE.match(text, pos + 1).end()
     if rest != len(text):
         raise TraceFormatError(path, 1 + text.count("\n", 0, rest), "<file>",

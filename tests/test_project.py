@@ -60,6 +60,7 @@ def load_benchmark(name: str):
     ("model", r"\| 4 \| [\d,]+ \| [\d.]+ ms \|"),
     ("workloads", r"\| sharegpt_like: 10,000 sessions .*\| generate \| [\d.]+ s \|"
                   r"[\s\S]*\| 100,000 requests: summarize: all of the above \| compute \|"),
+    ("prompt_hashing", r"\| 2,048 \| .* \| [\d.]+x \|[\s\S]*\| 64 \| [\d,]+ us \|"),
 ])
 def test_benchmark_runs(name, row):
     """The benchmarks run end to end at small sizes (they check their own results)."""

@@ -5,8 +5,9 @@
 - Forged keys: a block cached under a key is served only to the prefix it was computed for,
   even when another prompt's block has the same key by construction.
 - An exact model, a Python dict from (salt, prefix) to its cached block with the same capacity
-  and LRU order, served the same stream of prompts: the jitted cache finds at least 99% of the
-  blocks the model finds, and never serves a block computed for another prefix or salt.
+  and LRU order, served the same random stream of prompts (two seeds and pool sizes): the jitted
+  cache finds at least 99% of the blocks the model finds, and never serves a block computed for
+  another prefix or salt.
 """
 
 import dataclasses
@@ -100,13 +101,14 @@ def conversation_stream(count: int, seed: int):
         yield salt, prompt
 
 
-def test_the_cache_finds_what_an_exact_model_finds_and_never_a_wrong_block():
-    cache, table = pc.create(NB, BS), bt.create(1, NB, MB, BS)
-    model = ExactModel(NB - 1)
+@pytest.mark.parametrize("seed, num_blocks", [(0, NB), (1, NB // 2)])
+def test_the_cache_finds_what_an_exact_model_finds_and_never_a_wrong_block(seed, num_blocks):
+    cache, table = pc.create(num_blocks, BS), bt.create(1, num_blocks, MB, BS)
+    model = ExactModel(num_blocks - 1)
     salts = {None: 0, "tenant-a": 1}
     computed_for: dict[int, tuple] = {}  # block -> the (salt, prefix) its K,V holds
     found = expected = 0
-    for t, (salt, prompt) in enumerate(conversation_stream(400, seed=0)):
+    for t, (salt, prompt) in enumerate(conversation_stream(400, seed)):
         cache, table, row, count, ok = serve(cache, table, named(prompt, salt, salts[salt]),
                                              jnp.asarray(len(prompt), i32), jnp.float32(t))
         row, count = np.asarray(row).tolist(), int(count)
@@ -118,7 +120,7 @@ def test_the_cache_finds_what_an_exact_model_finds_and_never_a_wrong_block():
             computed_for[row[j]] = (salt, tuple(prompt[:(j + 1) * BS]))
         found += count
         expected += model.serve(salt, prompt, float(t))
-    assert expected > 300  # the stream reuses prefixes, and the cache is small enough to evict
+    assert expected > 200  # the stream reuses prefixes, and the cache is small enough to evict
     assert found >= 0.99 * expected, f"found {found} cached blocks, the exact model {expected}"
     cached = (np.asarray(cache.block_keys) != 0).any(-1)
     check_structure(snapshot(table), BS, cached.astype(np.int64))

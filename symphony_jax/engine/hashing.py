@@ -56,10 +56,11 @@ def prompt_keys(tokens: Sequence[int], block_size: int, root: np.ndarray,
     return keys
 
 
-# BLAKE2s (RFC 7693) over uint32 words, for ``chain`` on the device.
+# BLAKE2s (RFC 7693) over uint32 words, for ``chain`` on the device: its initial vector and
+# the order of the message words in each of its ten rounds.
 _IV = np.array([0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A,
                 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19], np.uint32)
-_SIGMA = ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+_SIGMA = np.array(((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
           (14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3),
           (11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4),
           (7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8),
@@ -68,8 +69,7 @@ _SIGMA = ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
           (12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11),
           (13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10),
           (6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5),
-          (10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0))
-_SIGMA_TABLE = np.asarray(_SIGMA, np.int32)
+          (10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0)), np.int32)
 
 
 def _rotr(x: jax.Array, n: int) -> jax.Array:
@@ -103,7 +103,7 @@ def _compress(h: jax.Array, block: jax.Array, counted: int, last: bool) -> jax.A
     v = v ^ jnp.asarray(counter_and_flag.reshape(16, *ones))
 
     def round_(r, v):
-        m = block[jnp.asarray(_SIGMA_TABLE)[r]]
+        m = block[jnp.asarray(_SIGMA)[r]]
         a, b, c, d = _mix(v[0:4], v[4:8], v[8:12], v[12:16], m[0:8:2], m[1:8:2])
         # The diagonals: (0, 5, 10, 15), (1, 6, 11, 12), ... as columns of rotated rows.
         a, b, c, d = _mix(a, jnp.roll(b, -1, 0), jnp.roll(c, -2, 0), jnp.roll(d, -3, 0),

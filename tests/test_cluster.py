@@ -333,3 +333,61 @@ def test_the_compile_free_clock_leaves_out_compilation_while_in_use():
     excluded = clock.seconds
     jax.jit(lambda y: chain(y) + 1)(x).block_until_ready()
     assert (clock.compiles, clock.seconds) == (1, excluded)
+
+
+def test_remove_node_checks_its_index_and_is_idempotent(params):
+    cluster = Cluster(ClusterConfig(CONFIG, num_nodes=3, devices=tuple(jax.devices()[:3])),
+                      "recompute", params)
+    rids = [cluster.submit(s, prompt(s, 0, 9), greedy(6)) for s in range(3)]
+    cluster.step()
+    for bad in (-1, 3, True, 1.0, "1"):
+        with pytest.raises(ValueError, match=r"remove_node\(.*\): expected a node index in "
+                                             r"\[0, 3\)"):
+            cluster.remove_node(bad)
+    assert [n.alive for n in cluster.nodes] == [True] * 3
+    assert cluster.remove_node(2) is True and cluster.remove_node(2) is False
+    with pytest.raises(ValueError, match="expected a node index"):
+        GlobalScheduler(SYSTEMS["symphony"], 2, step_tokens=64, step_seqs=4).remove(-1)
+    while cluster.has_unfinished():
+        cluster.step()
+    assert [cluster.requests[r].output for r in rids] == reference(
+        params, [(s, 9, 6) for s in range(3)])
+
+
+def test_advisories_never_followed_expire_and_a_flood_costs_linear_time():
+    scheduler = GlobalScheduler(SYSTEMS["symphony"], 4, step_tokens=64, step_seqs=4)
+    start = time.perf_counter()
+    for session in range(20_000):  # quadratic handling takes minutes here
+        scheduler.note_advisory(session, now=1.0)
+        scheduler.advise(session, now=1.0)
+    assert time.perf_counter() - start < 10.0
+    assert scheduler.loads(now=2.0).decoding.sum() == 20_000
+    assert scheduler.advisory_time(7, now=2.0) == 1.0  # its request came: when it was advised
+    scheduler.note_advisory(20_001, now=30.0)
+    later = scheduler.loads(now=1.0 + ADVISED_FOR_S)  # the flood's requests never came
+    assert later.decoding.sum() == 0 and not scheduler.advised
+    assert list(scheduler.advised_at) == [20_001]  # bounded memory
+    assert np.isnan(scheduler.advisory_time(8, now=1.0 + ADVISED_FOR_S))
+
+
+def test_a_seeded_cluster_run_with_migrations_is_reproducible(params):
+    """With copies and migrations seen complete at the next step and a clock that ticks per
+    reading, the same run twice records the same, byte for byte."""
+    import itertools
+    import pickle
+
+    def once() -> bytes:
+        ticks = itertools.count()
+        cluster = two_nodes(params, clock=lambda: next(ticks) * 1e-3,
+                            copy_completion="next_step")
+        for turn in range(3):
+            for session in range(3):
+                cluster.advise(session)
+                cluster.step()
+                cluster.submit(session, prompt(session, turn, 5 + session), greedy(4))
+            while cluster.has_unfinished():
+                cluster.step()
+        assert cluster.done_migrations, "advisories moved K,V"
+        return pickle.dumps(cluster.records())
+
+    assert once() == once()

@@ -128,7 +128,8 @@ def test_invalid_sampling_parameters_raise(kwargs, field):
 
 def test_bad_prompts_raise():
     engine = Engine(ROOMY, PARAMS)
-    with pytest.raises(ValueError, match="prompt must be 1 or more token ids in \\[0, 256\\)"):
+    with pytest.raises(ValueError, match="prompt\\[1\\]=999: expected a token id, an integer in "
+                       "\\[0, 256\\)"):
         engine.add_request([3, 999])
     with pytest.raises(ValueError, match="a text prompt needs the engine's tokenizer"):
         engine.add_request("hello")

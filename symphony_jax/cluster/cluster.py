@@ -35,6 +35,7 @@ from symphony_jax.cluster.global_scheduler import GlobalScheduler, KVLocation
 from symphony_jax.cluster.records import ClusterRecords, step_records, transfer_records
 from symphony_jax.cluster.systems import System, node_engine, system as get_system
 from symphony_jax.config import EngineConfig, _check_ints
+from symphony_jax.engine import validation
 from symphony_jax.engine.engine import Engine, Residency
 from symphony_jax.engine.sampling import SamplingParams
 from symphony_jax.memory import transfer
@@ -105,16 +106,22 @@ class _Migration:
 
 class Cluster:
     def __init__(self, config: ClusterConfig, system: str | System, params: LlamaParams, *,
-                 clock: Callable[[], float] = time.monotonic, **engine_kwargs):
-        """``engine_kwargs`` go to every node's ``Engine`` (``impl``, ``eos_token_ids``, ...)."""
+                 clock: Callable[[], float] = time.monotonic, copy_completion: str = "polled",
+                 **engine_kwargs):
+        """``engine_kwargs`` go to every node's ``Engine`` (``impl``, ``eos_token_ids``, ...).
+        ``copy_completion`` (``Engine``'s) also decides when a migration counts as complete:
+        ``"next_step"``, at the step after it started (with a deterministic ``clock``, a run is
+        then reproducible)."""
         self.config, self.system = config, get_system(system)
+        self.copy_completion = copy_completion
         self.base_clock, self.paused = clock, 0.0
         self.start = self._clock()
         devices = config.devices or tuple(jax.devices())
         engine = config.node_engine(self.system)
         self.nodes = [Node(i, devices[i % len(devices)], Engine(
             engine, params, policy=self.system.policy, device=devices[i % len(devices)],
-            clock=self._clock, start=self.start, **engine_kwargs))
+            clock=self._clock, start=self.start, copy_completion=copy_completion,
+            **engine_kwargs))
             for i in range(config.num_nodes)]
         self.scheduler = GlobalScheduler(self.system, config.num_nodes,
                                          step_tokens=engine.scheduler.max_num_batched_tokens,
@@ -126,7 +133,6 @@ class Cluster:
         self.running: dict[int, _Request] = {}  # each session's request in service
         self.queued: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.advisories: list[tuple[int, float, float, int]] = []  # to handle at the next step
-        self.advised_at: dict[int, float] = {}  # first advisory since the session's last request
         self.migrations: list[_Migration] = []
         self.done_migrations: list[_Migration] = []
         self.unclaimed: dict[int, list[_Migration]] = {}  # per session, before its next request
@@ -149,13 +155,13 @@ class Cluster:
         """A request of ``session_id`` is coming (at ``expected_arrival``, seconds on the
         cluster's clock, if known). Handled at the next ``step``, lower ``priority`` and then
         earlier expected arrival first."""
-        session_id = _session(session_id, "advise")
+        session_id = validation.session_id(session_id, "advise")
         if expected_arrival is not None and not np.isfinite(expected_arrival):
             raise ValueError(f"advise: expected_arrival={expected_arrival!r}: expected a finite "
                              "time or None")
         if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
             raise ValueError(f"advise: priority={priority!r}: expected an integer")
-        self.advised_at.setdefault(session_id, self.now())
+        self.scheduler.note_advisory(session_id, self.now())
         arrival = np.inf if expected_arrival is None else float(expected_arrival)
         self.advisories.append((int(priority), arrival, len(self.advisories), session_id))
 
@@ -163,17 +169,14 @@ class Cluster:
                sampling: SamplingParams | None = None) -> int:
         """Send the next request of ``session_id`` (``new_tokens``: the tokens it adds);
         returns its id. Queued behind the session's request in service, if any."""
-        session_id = _session(session_id, "submit")
-        tokens = [int(t) for t in new_tokens]
-        vocab = self.config.engine.model.vocab_size
-        if not tokens or any(not 0 <= t < vocab for t in tokens):
-            raise ValueError(f"submit: new_tokens must be 1 or more token ids in [0, {vocab}), "
-                             f"got {len(tokens)}")
-        sampling = sampling or SamplingParams()
-        if not isinstance(sampling, SamplingParams):
-            raise ValueError(f"submit: sampling={sampling!r}: expected a SamplingParams")
+        session_id = validation.session_id(session_id, "submit")
+        engine = self.nodes[0].engine
+        tokens = validation.token_ids(new_tokens, self.config.engine.model.vocab_size,
+                                      "submit: new_tokens")
+        sampling = validation.sampling(sampling, self.config.engine.model.vocab_size,
+                                       engine.eos_token_ids, engine.max_stop_ids, "submit")
         request = _Request(self.next_id, session_id, self.turns[session_id], tokens, sampling,
-                           self.now(), self.advised_at.pop(session_id, float("nan")))
+                           self.now(), self.scheduler.advisory_time(session_id, self.now()))
         self.next_id += 1
         self.turns[session_id] += 1
         self.requests[request.request_id] = request
@@ -186,7 +189,7 @@ class Cluster:
     def where(self, session_id: int) -> tuple[int, Residency] | None:
         """The node holding ``session_id``'s K,V (the global scheduler's table) and where it
         is there: device tokens per layer group, host tokens. None if no live node holds it."""
-        node = self.scheduler.kv_node(_session(session_id, "where"), self.now())
+        node = self.scheduler.kv_node(validation.session_id(session_id, "where"), self.now())
         residency = None if node < 0 else self.nodes[node].engine.residency(session_id)
         return None if residency is None else (node, residency)
 
@@ -228,11 +231,12 @@ class Cluster:
         for node in self.nodes:
             node.engine.compile_steps(shapes)
 
-    def remove_node(self, index: int) -> None:
-        """Take node ``index`` away now (see the module doc)."""
+    def remove_node(self, index: int) -> bool:
+        """Take node ``index`` away now (see the module doc); False if it was gone already."""
+        index = self.scheduler.node_index(index, "remove_node")
         node = self.nodes[index]
         if not node.alive:
-            return
+            return False
         if len(self.live_nodes) == 1:
             raise ValueError(f"remove_node({index}): it is the last live node")
         node.alive = False
@@ -247,6 +251,7 @@ class Cluster:
             self.scheduler.ended(index, request.prefill_estimate, bool(request.output))
             request.output, request.token_times = [], []
             self._dispatch(request)
+        return True
 
     # ---------------------------------------------------------------- records
 
@@ -370,6 +375,9 @@ class Cluster:
         return any(m.session_id == session for m in self.migrations)
 
     def _poll_migrations(self) -> None:
+        if self.copy_completion == "next_step":
+            for m in self.migrations:
+                transfer.Transfer(m.chunks).wait()
         for m in [m for m in self.migrations if transfer.Transfer(m.chunks).is_ready()]:
             self.migrations.remove(m)
             self._complete(m)
@@ -379,9 +387,3 @@ class Cluster:
         self.nodes[m.src].engine.drop_session(m.session_id)
         self.done_migrations.append(m)
 
-
-def _session(session_id, where: str) -> int:
-    if isinstance(session_id, bool) or not isinstance(session_id, (int, np.integer)) or \
-            session_id < 0:
-        raise ValueError(f"{where}: session_id={session_id!r}: expected an integer >= 0")
-    return int(session_id)

@@ -5,8 +5,9 @@ kept there) and each node's queued work (``placement.NodeLoads``), and applies t
 placement policy. With ``hints="migrate"`` an advisory picks the node for the session's next
 request ahead of it (by the placement policy at that moment, wherever the K,V is: it is about
 to move). Until the request comes it counts in that node's load as a request generating (for
-``ADVISED_FOR_S`` at most: a false advisory's request never comes), so that advisories arriving
-together do not all pick the node that was least loaded before them. The request goes to the
+``ADVISED_FOR_S`` at most: a false advisory's request never comes, and the advisory is then
+forgotten), so that advisories arriving together do not all pick the node that was least loaded
+before them. The request goes to the
 advised node unless, by the time it arrives, that node has ``CACHE_SLACK`` steps' worth more work
 queued than the least loaded one; then the placement policy picks again and the K,V follows on
 request. A pick is a forecast: work queued when the advisory came (a long prompt being
@@ -25,7 +26,7 @@ import numpy as np
 from symphony_jax.cluster.placement import CACHE_SLACK, PLACEMENTS, NodeLoads
 from symphony_jax.cluster.systems import System
 
-ADVISED_FOR_S = 60.0  # an advised request counts in its node's load this long at most
+ADVISED_FOR_S = 60.0  # an advisory is kept (its request counted in its node's load) this long
 
 @dataclasses.dataclass
 class KVLocation:
@@ -39,7 +40,11 @@ class GlobalScheduler:
         self.system, self.place_fn = system, PLACEMENTS[system.placement]
         self.step_tokens, self.step_seqs = step_tokens, step_seqs
         self.where: dict[int, KVLocation] = {}
-        self.advised: dict[int, tuple[int, float]] = {}  # session -> (node picked, when)
+        # Unexpired advisories, oldest first: session -> (node picked, when) (``hints``
+        # "migrate"), and session -> when first advised since its last request (any system).
+        self.advised: dict[int, tuple[int, float]] = {}
+        self.advised_at: dict[int, float] = {}
+        self.expected = np.zeros(num_nodes, np.int64)  # of ``advised``, picks of each node
         self.prefill = np.zeros(num_nodes, np.int64)
         self.decoding = np.zeros(num_nodes, np.int64)
         self.alive = np.ones(num_nodes, bool)
@@ -47,10 +52,9 @@ class GlobalScheduler:
 
     def loads(self, now: float) -> NodeLoads:
         """Each node's queued prompt tokens and requests generating, advised ones included."""
-        expected = [node for node, at in self.advised.values() if now - at < ADVISED_FOR_S]
-        decoding = self.decoding + np.bincount(expected, minlength=len(self.decoding))
-        return NodeLoads(self.prefill.copy(), decoding, self.alive.copy(), self.step_tokens,
-                         self.step_seqs)
+        self._expire(now)
+        return NodeLoads(self.prefill.copy(), self.decoding + self.expected, self.alive.copy(),
+                         self.step_tokens, self.step_seqs)
 
     def kv_node(self, session_id: int, now: float) -> int:
         """The live node holding ``session_id``'s K,V (-1: none)."""
@@ -66,7 +70,8 @@ class GlobalScheduler:
     def place(self, session_id: int, now: float, moving: bool = False) -> int:
         """The node for ``session_id``'s request arriving now (``moving``: its K,V is on its way
         to the node its advisory picked)."""
-        node, _ = self.advised.pop(session_id, (-1, now))
+        self._expire(now)
+        node = self._unadvise(session_id)
         loads = self.loads(now)
         if node < 0 or not self.alive[node] or \
                 (not moving and loads.score[node] > loads.score.min() + CACHE_SLACK):
@@ -77,12 +82,48 @@ class GlobalScheduler:
     def advise(self, session_id: int, now: float) -> int:
         """Pick the node for ``session_id``'s next request now (a repeated advisory keeps the
         first pick while its node lives)."""
+        self._expire(now)
         node, _ = self.advised.get(session_id, (-1, now))
         if node < 0 or not self.alive[node]:
-            self.advised.pop(session_id, None)
+            self._unadvise(session_id)
             node = self.place_fn(self.loads(now), -1, self.placed)
             self.advised[session_id] = (node, now)
+            self.expected[node] += 1
         return node
+
+    # ------------------------------------------------------------ advisories
+
+    def note_advisory(self, session_id: int, now: float) -> None:
+        """An advisory of ``session_id`` came now (whatever the system does with it)."""
+        self._expire(now)
+        self.advised_at.setdefault(session_id, now)
+
+    def advisory_time(self, session_id: int, now: float) -> float:
+        """When ``session_id``'s request arriving now was first advised (nan: it was not, or
+        longer than ``ADVISED_FOR_S`` ago)."""
+        self._expire(now)
+        return self.advised_at.pop(session_id, math.nan)
+
+    def _unadvise(self, session_id: int) -> int:
+        """Forget ``session_id``'s pick; returns its node (-1: none)."""
+        node, _ = self.advised.pop(session_id, (-1, 0.0))
+        if node >= 0:
+            self.expected[node] -= 1
+        return node
+
+    def _expire(self, now: float) -> None:
+        """Forget advisories older than ``ADVISED_FOR_S`` (their requests did not come): both
+        tables are in time order, so this costs what it forgets."""
+        while self.advised:
+            session, (_, at) = next(iter(self.advised.items()))
+            if now - at < ADVISED_FOR_S:
+                break
+            self._unadvise(session)
+        while self.advised_at:
+            session, at = next(iter(self.advised_at.items()))
+            if now - at < ADVISED_FOR_S:
+                break
+            del self.advised_at[session]
 
     # ------------------------------------------------------------ accounting
 
@@ -107,11 +148,20 @@ class GlobalScheduler:
             self.where[session_id] = KVLocation(node, tokens, now + policy.retention_s
                                                 if policy.retention != "drop" else math.inf)
 
+    def node_index(self, node, where: str) -> int:
+        """``node`` as the index of one of the nodes, or a ``ValueError`` naming it."""
+        if isinstance(node, bool) or not isinstance(node, (int, np.integer)) or \
+                not 0 <= node < len(self.alive):
+            raise ValueError(f"{where}({node!r}): expected a node index in [0, {len(self.alive)})")
+        return int(node)
+
     def remove(self, node: int) -> list[int]:
         """``node`` is gone; returns the sessions whose K,V was there (now lost)."""
+        node = self.node_index(node, "remove")
         self.alive[node] = False
         lost = [s for s, loc in self.where.items() if loc.node == node]
         for s in lost:
             del self.where[s]
         self.advised = {s: pick for s, pick in self.advised.items() if pick[0] != node}
+        self.expected[node] = 0
         return lost

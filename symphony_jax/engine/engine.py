@@ -18,6 +18,7 @@ one's device), so that meeting them later compiles nothing.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -30,10 +31,10 @@ import numpy as np
 
 from symphony_jax import metrics
 from symphony_jax.config import EngineConfig
-from symphony_jax.engine import device_step, hashing
+from symphony_jax.engine import device_step, hashing, validation
 from symphony_jax.engine.device_step import (CACHED, COMPUTED, FINISHED, NUM_COUNTS, RECOMPUTED,
                                               REQUEST, SAMPLED, SLOT, TOKEN)
-from symphony_jax.engine.host_kv import HostKV
+from symphony_jax.engine.host_kv import COPY_COMPLETION, HostKV
 from symphony_jax.engine.sampling import SamplingParams, SamplingTable
 from symphony_jax.memory import kv_cache, transfer
 from symphony_jax.memory.disk_tier import DiskTier
@@ -107,10 +108,15 @@ class Engine:
                  tokenizer=None, eos_token_ids: Sequence[int] = (), impl: str = "auto",
                  device=None, admit_batch: int = 8, max_stop_ids: int = 8,
                  clock: Callable[[], float] = time.monotonic, start: float | None = None,
-                 disk_dir: str | None = None, record_steps: bool = False):
+                 disk_dir: str | None = None, record_steps: bool = False,
+                 copy_completion: str = "polled"):
         """``clock`` (seconds) times requests from ``start`` (default: now); engines of a
         cluster share both. ``record_steps``: keep each step's ``StepRecord`` in ``step_log``
-        (for calibrating a cost model; no extra host reads while running)."""
+        (for calibrating a cost model; no extra host reads while running).
+        ``copy_completion``: when the host tier's copies count as complete, ``"polled"`` (as
+        soon as a step finds them ready: fastest, but decisions then depend on timing) or
+        ``"next_step"`` (at the step after the one that issued them, waiting if need be: with a
+        deterministic ``clock``, a seeded run is reproducible step for step)."""
         self.config, self.policy, self.tokenizer, self.impl = config, policy, tokenizer, impl
         self.eos_token_ids = tuple(eos_token_ids or getattr(tokenizer, "eos_token_ids", ()))
         self.admit_batch, self.max_stop_ids, self.clock = admit_batch, max_stop_ids, clock
@@ -123,11 +129,16 @@ class Engine:
         self.slot_request = np.full(slots, -1, np.int64)  # request in each slot
         self.slot_session = np.full(slots, S.NO_SESSION, np.int64)  # session of each slot
         self.host = None
-        if policy.uses_host:
-            self.host = HostKV(config, policy, self.device_, self.slot_session,
-                               DiskTier(disk_dir) if disk_dir is not None else None)
         put = lambda tree: jax.device_put(tree, self.device_)
         self.params = put(params)
+        if copy_completion not in COPY_COMPLETION:
+            raise ValueError(f"Engine: copy_completion={copy_completion!r}, expected one of "
+                             f"{COPY_COMPLETION}")
+        if policy.uses_host:
+            disk = None if disk_dir is None else DiskTier(
+                disk_dir, owner=hashing.kv_owner(config, self.params))
+            self.host = HostKV(config, policy, self.device_, self.slot_session,
+                               self._sequence_tokens, disk, copy_completion)
         caching = policy.prefix_caching
         self.device = put(device_step.DeviceState(
             S.init(config, config.cache.block_size if caching else 0),
@@ -167,54 +178,24 @@ class Engine:
         so far when they come from elsewhere (a cluster moves sessions between engines);
         default: what this engine has seen of the session. ``cache_salt``: with prefix caching,
         requests share cached blocks only with requests of the same salt (a tenant's); a
-        session's salt stays its default for its later requests."""
-        sampling = sampling or SamplingParams()
-        if not isinstance(sampling, SamplingParams):
-            raise ValueError(f"sampling={sampling!r}: expected a SamplingParams")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("add_request: a text prompt needs the engine's tokenizer")
-            prompt = self.tokenizer.encode(prompt)
-        new = [int(t) for t in prompt]
-        vocab = self.config.model.vocab_size
-        if not new or any(not 0 <= t < vocab for t in new):
-            raise ValueError(f"add_request: prompt must be 1 or more token ids in [0, {vocab}), "
-                             f"got {len(new)} tokens")
-        if session_id is not None and (not isinstance(session_id, (int, np.integer))
-                                       or session_id < 0):
-            raise ValueError(f"add_request: session_id={session_id!r}, expected None or an "
-                             "integer >= 0")
-        if cache_salt is not None and not isinstance(cache_salt, str):
-            raise ValueError(f"add_request: cache_salt={cache_salt!r}, expected None or a str")
-        session = S.NO_SESSION if session_id is None else int(session_id)
-        if session != S.NO_SESSION:
-            if cache_salt is None:
-                cache_salt = self.session_salts.get(session)
-            self.session_salts[session] = cache_salt
-        history = self.sessions.get(session, []) if history is None else [int(t) for t in history]
-        if any(not 0 <= t < vocab for t in history):
-            raise ValueError(f"add_request: history must be token ids in [0, {vocab})")
-        turn = self.turns.get(session, 0)
-        self.turns[session] = turn + 1
-        request = _Request(next(self.ids), history + new, max(len(history) - 1, 0), sampling,
-                           session, turn, self.now(), cache_salt)
-        self.requests[request.request_id] = request
-        self.unfinished += 1
-        if len(request.prompt) + sampling.max_tokens > self.config.scheduler.max_model_len:
-            self._finish(request, f"rejected: {S.REASONS[S.TOO_LONG]}")
-        else:
-            self.pending.append(request)
-        return request.request_id
+        session's salt stays its default for its later requests. A field the engine cannot
+        hold raises a ``ValueError`` naming it, and nothing is queued."""
+        return self._enqueue(self._request(prompt, sampling, session_id, history, cache_salt))
 
-    def abort(self, request_id: int) -> None:
-        request = self.requests.get(request_id)
-        if request is None or request.finish_reason is not None:
-            return
+    def abort(self, request_id: int) -> bool:
+        """End request ``request_id`` (at the next ``step`` if it is on the device). True if
+        this call ends it; False if the engine has no such request or it has ended, or is
+        ending, already."""
+        request = self.requests.get(request_id) if validation.is_int(request_id) else None
+        if request is None or request.finish_reason is not None or \
+                request.request_id in self.aborting:
+            return False
         if request in self.pending:
             self.pending.remove(request)
             self._finish(request, "abort")
         else:
-            self.aborting.append(request_id)
+            self.aborting.append(request.request_id)
+        return True
 
     def has_unfinished(self) -> bool:
         return bool(self.unfinished or self.inflight is not None or self.done)
@@ -276,11 +257,21 @@ class Engine:
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                  ) -> list[Generation]:
-        """Run ``prompts`` to completion (offline) and return them in order."""
+        """Run ``prompts`` to completion (offline) and return them in order. At most as many
+        run at once as the engine has slots; the others wait for one. A bad prompt raises a
+        ``ValueError`` before any of them runs."""
         params = sampling if isinstance(sampling, Sequence) else [sampling] * len(prompts)
-        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
-        while self.has_unfinished():
+        if len(params) != len(prompts):
+            raise ValueError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
+        waiting = collections.deque(self._request(p, s, None, None, None)
+                                    for p, s in zip(prompts, params))
+        ids, running = [], set()
+        while waiting or self.has_unfinished():
+            while waiting and len(running) < self.config.scheduler.slots:
+                ids.append(self._enqueue(waiting.popleft()))
+                running.add(ids[-1])
             self.step()
+            running = {i for i in running if self.requests[i].finish_reason is None}
         return [self.result(i) for i in ids]
 
     def result(self, request_id: int) -> Generation:
@@ -418,6 +409,54 @@ class Engine:
 
     # ---------------------------------------------------------------- internals
 
+    def _request(self, prompt, sampling, session_id, history, cache_salt) -> _Request:
+        """A request of these fields, checked (see ``add_request``) but not queued: it takes no
+        id, turn or session state until ``_enqueue``."""
+        vocab = self.config.model.vocab_size
+        sampling = validation.sampling(sampling, vocab, self.eos_token_ids, self.max_stop_ids,
+                                     "add_request")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("add_request: a text prompt needs the engine's tokenizer")
+            prompt = self.tokenizer.encode(prompt)
+        new = validation.token_ids(prompt, vocab, "add_request: prompt")
+        session = S.NO_SESSION if session_id is None else validation.session_id(session_id,
+                                                                              "add_request")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"add_request: cache_salt={cache_salt!r}, expected None or a str")
+        if session != S.NO_SESSION and cache_salt is None:
+            cache_salt = self.session_salts.get(session)
+        history = self.sessions.get(session, []) if history is None else validation.token_ids(
+            history, vocab, "add_request: history", empty=True)
+        return _Request(-1, history + new, max(len(history) - 1, 0), sampling, session, -1,
+                        float("nan"), cache_salt)
+
+    def _enqueue(self, request: _Request) -> int:
+        """Give ``request`` (from ``_request``) its id, turn and arrival, and queue it (or
+        reject it now if it can never fit)."""
+        request.request_id, request.arrival_s = next(self.ids), self.now()
+        session = request.session_id
+        request.turn_index = self.turns.get(session, 0)
+        self.turns[session] = request.turn_index + 1
+        if session != S.NO_SESSION:
+            self.session_salts[session] = request.cache_salt
+        self.requests[request.request_id] = request
+        self.unfinished += 1
+        if len(request.prompt) + request.sampling.max_tokens > self.config.scheduler.max_model_len:
+            self._finish(request, f"rejected: {S.REASONS[S.TOO_LONG]}")
+        else:
+            self.pending.append(request)
+        return request.request_id
+
+    def _sequence_tokens(self, slot: int) -> list[int]:
+        """The token ids of ``slot``'s sequence known so far (its request's, or its idle
+        session's)."""
+        request_id = int(self.slot_request[slot])
+        if request_id >= 0:
+            request = self.requests[request_id]
+            return request.prompt + request.output
+        return self.sessions.get(int(self.slot_session[slot]), [])
+
     def _finish(self, request: _Request, reason: str) -> None:
         request.finish_reason, request.finish_s = reason, self.now()
         self.unfinished -= 1
@@ -456,28 +495,35 @@ class Engine:
 
     def _admit(self) -> int:
         """Admit what waits (up to ``admit_batch`` requests); returns how many it took in."""
-        batch, held = [], []
+        taken, held = [], []
         for r in self.pending:
-            (held if len(batch) == self.admit_batch or self._held(r) else batch).append(r)
+            (held if len(taken) == self.admit_batch or self._held(r) else taken).append(r)
         self.pending = held
+        batch, rows = [], []
+        for r in taken:
+            try:
+                rows.append(self._admission_row(r))
+            except (ValueError, OverflowError, TypeError) as e:  # alone, not its batch
+                self._finish(r, f"rejected: {e}")
+            else:
+                batch.append(r)
         if not batch:
-            return 0
-        n, width = self.admit_batch, self.config.scheduler.max_model_len
-        prompts = np.zeros((n, width), np.int32)
-        for i, r in enumerate(batch):
-            prompts[i, : len(r.prompt)] = r.prompt
+            return len(taken)
+        n = self.admit_batch
+        pad = lambda column: np.concatenate([column, np.zeros((n - len(batch),
+                                                               *column.shape[1:]), column.dtype)])
+        prompts, keys, roots = (pad(np.stack(column)) for column in list(zip(*rows))[:3])
+        padding = SamplingTable.rows([], [], (), self.max_stop_ids, n - len(batch))
+        sampling = jax.tree.map(lambda *column: np.concatenate(column),
+                                *[row[3] for row in rows], padding)
         new = S.new_requests(
             [r.request_id for r in batch], [len(r.prompt) for r in batch],
             [r.sampling.max_tokens for r in batch], session_id=[r.session_id for r in batch],
             history_len=[r.history_len for r in batch], arrival=[r.arrival_s for r in batch],
             size=n)
-        rows = SamplingTable.rows([r.sampling for r in batch],
-                                  [r.request_id if r.sampling.seed is None else r.sampling.seed
-                                   for r in batch], self.eos_token_ids, self.max_stop_ids, n)
-        keys, roots = self._block_keys(batch, n)
         self.device, slots, reasons = device_step.admit(self.device, new, jnp.asarray(prompts),
-                                                        rows, keys, roots, config=self.config,
-                                                        policy=self.policy)
+                                                        sampling, keys, roots,
+                                                        config=self.config, policy=self.policy)
         slots, reasons = jax.device_get((slots, reasons))
         admitted = []
         for r, slot, reason in zip(batch, slots, reasons):
@@ -488,33 +534,41 @@ class Engine:
                                               or self.slot_session[slot] != r.session_id):
                     self.host.forget(slot)  # the slot's last sequence is gone
                 self.slot_session[slot] = r.session_id
-                admitted.append(int(slot))
+                admitted.append(r)
             else:
                 self._finish(r, f"rejected: {S.REASONS[reason]}")
         if self.host is not None:
-            self.device = self.host.admitted(self.device, admitted)
-        return len(batch)
+            self.device = self.host.admitted(self.device, [(r.slot, r.prompt) for r in admitted])
+        return len(taken)
 
-    def _block_keys(self, batch: list[_Request], n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of ``device_step.admit``'s ``keys`` and ``roots`` for ``batch`` (``n`` rows):
-        each prompt's root key and full blocks' keys (hashed here, a session's blocks once),
-        and its salt's root tag."""
-        keys = np.zeros((n, *self.device.block_keys.shape[1:]), np.uint32)
-        roots = np.zeros(n, np.uint32)
+    def _admission_row(self, r: _Request) -> tuple[np.ndarray, np.ndarray, np.uint32,
+                                                   SamplingTable]:
+        """``device_step.admit``'s row of ``r``: its prompt (i32[max_model_len]), block keys,
+        salt's root tag and sampling row (a one-row ``SamplingTable``)."""
+        prompt = np.zeros(self.config.scheduler.max_model_len, np.int32)
+        prompt[: len(r.prompt)] = r.prompt
+        seed = r.request_id if r.sampling.seed is None else r.sampling.seed
+        sampling = SamplingTable.rows([r.sampling], [seed], self.eos_token_ids,
+                                      self.max_stop_ids, 1)
+        return (prompt, *self._block_keys(r), sampling)
+
+    def _block_keys(self, r: _Request) -> tuple[np.ndarray, np.uint32]:
+        """``r``'s row of ``device_step.admit``'s ``keys`` and ``roots``: its prompt's root key
+        and full blocks' keys (hashed here, a session's blocks once), and its salt's root tag
+        (zeros without prefix caching)."""
+        keys = np.zeros(self.device.block_keys.shape[1:], np.uint32)
         if not self.policy.prefix_caching:
-            return keys, roots
-        bs = self.config.cache.block_size
-        for i, r in enumerate(batch):
-            root = hashing.root_key(r.cache_salt)
-            salt, tokens, known = self.session_keys.get(r.session_id, (None, [], None))
-            same = salt == r.cache_salt and r.prompt[:len(tokens)] == tokens
-            full = hashing.prompt_keys(r.prompt, bs, root, known if same else None)
-            if r.session_id != S.NO_SESSION:
-                self.session_keys[r.session_id] = (r.cache_salt, r.prompt, full)
-            keys[i, 0], keys[i, 1:1 + len(full)] = root, full
-            roots[i] = prefix_cache.root_tag(self.salt_ids.setdefault(r.cache_salt,
-                                                                      len(self.salt_ids)))
-        return keys, roots
+            return keys, np.uint32(0)
+        root = hashing.root_key(r.cache_salt)
+        salt, tokens, known = self.session_keys.get(r.session_id, (None, [], None))
+        same = salt == r.cache_salt and r.prompt[:len(tokens)] == tokens
+        full = hashing.prompt_keys(r.prompt, self.config.cache.block_size, root,
+                                   known if same else None)
+        if r.session_id != S.NO_SESSION:
+            self.session_keys[r.session_id] = (r.cache_salt, r.prompt, full)
+        keys[0], keys[1:1 + len(full)] = root, full
+        salt_id = self.salt_ids.setdefault(r.cache_salt, len(self.salt_ids))
+        return keys, np.uint32(prefix_cache.root_tag(salt_id))
 
     def _collect(self, inflight) -> list[RequestOutput]:
         """Outputs of a dispatched step (already complete or nearly), and host decisions."""

@@ -12,6 +12,9 @@ Keys are computed where the tokens are: on the host with ``hashlib`` for a promp
 block that a sampled token completes, so that a finishing sequence's blocks enter the cache in
 the step that finishes it. A key is ``KEY_WORDS`` little-endian uint32 words of the digest;
 tokens are hashed as little-endian int32.
+
+``kv_owner`` names what an engine's K,V belongs to (its model and cache geometry), for the disk
+tier's entries.
 """
 
 from __future__ import annotations
@@ -137,3 +140,14 @@ def chain(parent: jax.Array, tokens: jax.Array) -> jax.Array:
     return blake2s(jnp.concatenate([parent.astype(u32),
                                     jax.lax.bitcast_convert_type(tokens.astype(jnp.int32), u32)],
                                    axis=-1))
+
+
+def kv_owner(config, params) -> str:
+    """What an engine's K,V belongs to, as a disk tier's ``owner``: the model's geometry, the
+    cache's block size and layer groups, and a sample of the weights (each array's first 64
+    values), so that an entry another model or geometry saved is never used."""
+    digest = hashlib.blake2s(repr((config.model, config.cache.block_size,
+                                   config.cache.num_layer_groups)).encode())
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.asarray(jax.device_get(jnp.ravel(leaf)[:64])).tobytes())
+    return digest.hexdigest()

@@ -31,6 +31,8 @@ request back.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +41,14 @@ import numpy as np
 from symphony_jax.config import EngineConfig
 from symphony_jax.engine.device_step import DeviceState, Restores, pack
 from symphony_jax.memory import transfer
-from symphony_jax.memory.disk_tier import DiskTier, DiskTierError
+from symphony_jax.memory.disk_tier import DiskTier, DiskTierError, tokens_digest
 from symphony_jax.memory.host_tier import HostTier, HostTierFull
 from symphony_jax.scheduler import batch, tiers
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler.policy import Policy
+
+COPY_COMPLETION = ("polled", "next_step")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -52,6 +57,7 @@ class HostStats:
     written_back: int = 0  # write-back copies (retention ``host``)
     restored: int = 0  # sequences whose K,V came back from the host tier
     lost: int = 0  # host copies lost (evicted, no room, unreadable): those sequences recompute
+    disk_faults: int = 0  # disk entries not saved, loaded or removed (``DiskTierError``, logged)
     to_disk: int = 0  # sessions' entries saved to the disk tier
     from_disk: int = 0  # and read back
     migrated_out: int = 0  # idle sessions' K,V copied to another node
@@ -72,9 +78,15 @@ class _Copy:
 
 class HostKV:
     def __init__(self, config: EngineConfig, policy: Policy, device, sessions: np.ndarray,
-                 disk: DiskTier | None = None):
+                 tokens_of: Callable[[int], list[int]], disk: DiskTier | None = None,
+                 copy_completion: str = "polled"):
         """``sessions``: each slot's session (``state.NO_SESSION``: none), kept current by the
-        engine."""
+        engine; ``tokens_of(slot)``: the token ids of the slot's sequence known so far.
+        ``copy_completion``: ``"polled"``, a copy counts as complete at the first ``poll`` that
+        finds it ready (as soon as possible; when depends on timing); ``"next_step"``, at the
+        first ``poll`` after it was dispatched, waiting for it there (a run's decisions then
+        depend only on its inputs: reproducible)."""
+        self.tokens_of, self.deterministic = tokens_of, copy_completion == "next_step"
         model, cache = config.model, config.cache
         block_bytes = (2 * model.num_layers * model.num_kv_heads * cache.block_size
                        * model.head_dim * np.dtype(model.dtype).itemsize)
@@ -106,22 +118,25 @@ class HostKV:
         self.generation[slot] += 1
         self.stored_tokens[slot] = 0
 
-    def admitted(self, device: DeviceState, slots: list[int]) -> DeviceState:
-        """Bring back from disk the entries of the sessions admitted into ``slots`` and tell
-        the scheduler they are stored."""
+    def admitted(self, device: DeviceState, prompts: list[tuple[int, list[int]]]) -> DeviceState:
+        """Bring back from disk the entries of the sessions admitted, ``(slot, prompt)`` each,
+        and tell the scheduler they are stored. An entry is used only if it holds the K,V of a
+        prefix of the prompt short of its last token (which the request computes)."""
+        slots = [slot for slot, _ in prompts]
         self.to_prefetch.difference_update(slots)  # their requests restore what they need
         promoted = []
-        for slot in slots:
+        for slot, prompt in prompts:
             session = int(self.sessions[slot])
             if self.disk is None or session == S.NO_SESSION or session not in self.disk:
                 continue
             try:
-                entry = self.disk.load(session, self.device)
-            except DiskTierError:
+                entry = self.disk.load(session, self.device, prompt[:-1])
+            except DiskTierError as e:
+                self._disk_fault(e)
                 self.stats.lost += 1
                 continue
             finally:
-                self.disk.drop(session)
+                self._drop_from_disk(session)
             if self._store(slot, entry.chunks, entry.tokens, set(slots)):
                 promoted.append((slot, entry.tokens))
                 self.stored_tokens[slot] = entry.tokens
@@ -143,7 +158,7 @@ class HostKV:
     def poll(self, device: DeviceState, free_blocks: int) -> DeviceState:
         """Apply what completed: stored copies, loads now on the device (scattered into the
         pool), and losses; then prefetch migrated sessions into ``free_blocks`` blocks."""
-        ready = [c.transfer.is_ready() for c in self.offloading]
+        ready = [self._complete(c.transfer) for c in self.offloading]
         done = [c for c, r in zip(self.offloading, ready) if r]
         self.offloading = [c for c, r in zip(self.offloading, ready) if not r]
         for c in done:
@@ -153,7 +168,7 @@ class HostKV:
                 if c.migrated:
                     self.to_prefetch.add(c.slot)
         pool, table = device.pool, device.scheduler.blocks.block_ids
-        loaded = [s for s, c in self.loading.items() if c.transfer.is_ready()]
+        loaded = [s for s, c in self.loading.items() if self._complete(c.transfer)]
         for slot in loaded:
             self.prefetching.discard(slot)
             for chunk in self.loading.pop(slot).transfer.chunks:
@@ -193,6 +208,13 @@ class HostKV:
         return loads
 
     # ------------------------------------------------------------ internals
+
+    def _complete(self, copy: transfer.Transfer) -> bool:
+        """Whether ``copy`` counts as complete now (``copy_completion``)."""
+        if self.deterministic:
+            copy.wait()
+            return True
+        return copy.is_ready()
 
     def _padded(self, slots, values=None) -> tuple[jnp.ndarray, ...]:
         R = self.config.scheduler.slots
@@ -331,11 +353,33 @@ class HostKV:
         for key, entry in evicted:
             session = int(self.sessions[key])
             if self.disk is not None and session != S.NO_SESSION:
-                jax.block_until_ready([(c.k, c.v) for c in entry.chunks])
-                self.disk.save(session, entry)
-                self.stats.to_disk += 1
+                self._save_to_disk(session, entry, self.tokens_of(key))
             self._lose(key)
         return True
+
+    def _save_to_disk(self, session: int, entry, tokens: list[int]) -> None:
+        """Save ``session``'s host ``entry`` (the K,V of the first ``entry.tokens`` of
+        ``tokens``); a fault loses it."""
+        if len(tokens) < entry.tokens:
+            return  # cannot happen: the K,V of a token is computed after the token is known
+        jax.block_until_ready([(c.k, c.v) for c in entry.chunks])
+        try:
+            self.disk.save(session, entry, tokens_digest(tokens[:entry.tokens]))
+        except DiskTierError as e:
+            self._disk_fault(e)
+            return
+        self.stats.to_disk += 1
+
+    def _drop_from_disk(self, session: int) -> None:
+        try:
+            self.disk.drop(session)
+        except DiskTierError as e:
+            self._disk_fault(e)
+
+    def _disk_fault(self, error: DiskTierError) -> None:
+        """A disk entry lost to ``error``: logged and counted; its session recomputes."""
+        log.warning("disk tier: %s", error)
+        self.stats.disk_faults += 1
 
     def _lose(self, slot: int) -> None:
         self.forget(slot)

@@ -42,12 +42,12 @@ class SamplingParams:
 
         is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
         is_number = lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            fail("max_tokens", "an integer >= 1")
-        if not is_number(self.temperature) or not self.temperature >= 0:
-            fail("temperature", "a number >= 0 (0: greedy)")
-        if not is_int(self.top_k) or self.top_k < 0:
-            fail("top_k", "an integer >= 0 (0: no limit)")
+        if not is_int(self.max_tokens) or not 1 <= self.max_tokens < 2**31:
+            fail("max_tokens", "an integer in [1, 2**31)")
+        if not is_number(self.temperature) or not 0 <= self.temperature < np.inf:
+            fail("temperature", "a finite number >= 0 (0: greedy)")
+        if not is_int(self.top_k) or not 0 <= self.top_k < 2**31:
+            fail("top_k", "an integer in [0, 2**31) (0: no limit)")
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "a number in (0, 1]")
         if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**31):
@@ -82,7 +82,7 @@ class SamplingTable:
         """Host rows for ``params`` (padded to ``size``), ready to scatter into slots."""
         stops = np.full((size, max_stop_ids), NO_STOP, np.int32)
         for i, p in enumerate(params):
-            ids = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+            ids = list(dict.fromkeys(p.stop_token_ids + (() if p.ignore_eos else eos_token_ids)))
             if len(ids) > max_stop_ids:
                 raise ValueError(f"SamplingParams.stop_token_ids: {len(ids)} stop tokens "
                                  f"(with end-of-sequence ones), at most {max_stop_ids}")

@@ -1,12 +1,15 @@
 """The disk tier: sequences' K,V spilled from the host tier to files, the slowest tier.
 
 An entry is a host tier ``Entry`` (its chunks, ``transfer.Chunk``, and the tokens they cover)
-stored under ``directory/<key>/``, the key an integer of the owner's choice:
+stored under ``directory/<key>/``, the key an integer of the owner's choice, with what it belongs
+to: the tier's ``owner`` (for an engine, its model and cache geometry) and a digest of the
+token ids whose K,V it holds (``tokens_digest``):
 
 - ``arrays/``: an orbax checkpoint (``StandardCheckpointer``) of the list of chunks' arrays,
   ``[{"k": [k of each layer group], "v": [...]}, ...]`` in column order;
 - ``manifest.json``: ``{"crc32", "manifest"}``, the manifest
-  ``{"format", "tokens", "chunks": [{"first_block", "first_group", "k", "v"}], "files"}``
+  ``{"format", "owner", "tokens", "digest", "chunks": [{"first_block", "first_group", "k",
+  "v"}], "files"}``
   (each array described by its ``shape``, ``dtype`` and the ``crc32`` of its bytes; each file
   of ``arrays/`` by its size and ``crc32``) and the CRC-32 of its canonical JSON.
 
@@ -16,6 +19,8 @@ Guarantees:
   renames it to ``<key>`` last, so a crash leaves either no entry or a complete one (an earlier
   entry of the key is moved aside first and deleted after). Leftover temporary directories are
   deleted when a ``DiskTier`` opens the directory: one ``DiskTier`` per directory at a time.
+  A file-system fault (permissions, a full disk, a file where a directory should be) raises
+  ``DiskTierError`` naming the path; the entry is then not stored.
   Files are not fsynced: a power loss may still lose or damage entries, which ``load`` then
   reports (below) rather than returning.
 - ``load`` returns the chunks in the device's ``pinned_host`` memory (orbax restores them
@@ -23,17 +28,22 @@ Guarantees:
   and what was expected: a missing entry or manifest, a manifest that does not parse or match
   its own checksum (an edit), a file of ``arrays/`` missing or of another size or checksum
   (checked before orbax reads them), arrays that orbax cannot read, or whose shape, dtype or
-  checksum differ from the manifest's. CRC-32 detects accidental corruption and edits, not
-  deliberate tampering.
+  checksum differ from the manifest's, or an entry of another owner, or of other tokens than
+  the ones it is loaded for. CRC-32 detects accidental corruption and edits, not deliberate
+  tampering.
+- ``drop`` raises ``DiskTierError`` if the entry cannot be removed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
 import zlib
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -42,19 +52,26 @@ import orbax.checkpoint as ocp
 from symphony_jax.memory.host_tier import Entry
 from symphony_jax.memory.transfer import Chunk, host_sharding
 
-FORMAT = 2  # 2: a chunk's arrays by layer group
+FORMAT = 3  # 2: a chunk's arrays by layer group; 3: the owner and the tokens' digest
 MANIFEST = "manifest.json"
 ARRAYS = "arrays"
 TEMPORARY_PREFIXES = (".tmp-", ".old-")
+log = logging.getLogger(__name__)
 
 
 class DiskTierError(Exception):
-    """An entry that is missing or does not match its manifest."""
+    """An entry that is missing, does not match its manifest or its use, or a file-system fault
+    (the message names the path)."""
 
 
 def checksum(array) -> int:
     """CRC-32 of the array's bytes (in C order)."""
     return zlib.crc32(np.ascontiguousarray(np.asarray(array)).tobytes())
+
+
+def tokens_digest(tokens: Sequence[int]) -> str:
+    """BLAKE2s of token ids (as little-endian int32): what an entry's K,V was computed from."""
+    return hashlib.blake2s(np.asarray(tokens, "<i4").tobytes()).hexdigest()
 
 
 def describe(array) -> dict:
@@ -81,12 +98,12 @@ def check_files(directory: pathlib.Path, records: dict[str, dict]) -> None:
                                 f"{expected['crc32']} (truncated or corrupt)")
 
 
-def manifest_of(entry: Entry, arrays: pathlib.Path) -> dict:
+def manifest_of(entry: Entry, arrays: pathlib.Path, owner: str, digest: str) -> dict:
     chunks = [{"first_block": c.first_block, "first_group": c.first_group,
                "k": [describe(a) for a in c.k], "v": [describe(a) for a in c.v]}
               for c in entry.chunks]
-    return {"format": FORMAT, "tokens": entry.tokens, "chunks": chunks,
-            "files": file_records(arrays)}
+    return {"format": FORMAT, "owner": owner, "tokens": entry.tokens, "digest": digest,
+            "chunks": chunks, "files": file_records(arrays)}
 
 
 def checksum_text(manifest: dict) -> int:
@@ -165,15 +182,33 @@ def restore(where: pathlib.Path, manifest: dict, device) -> list[dict]:
     return arrays
 
 
-class DiskTier:
-    """Entries on disk under ``directory``, keyed by integers (see the module docstring)."""
+def remove(path: pathlib.Path) -> None:
+    """Delete ``path``, a directory tree or a file (``OSError`` if it cannot)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = pathlib.Path(directory).absolute()
-        self.directory.mkdir(parents=True, exist_ok=True)
+
+class DiskTier:
+    """Entries on disk under ``directory``, keyed by integers (see the module docstring).
+    ``owner``: what this tier's entries belong to (stored with each, and required of each
+    loaded)."""
+
+    def __init__(self, directory: str | os.PathLike, owner: str = ""):
+        self.directory, self.owner = pathlib.Path(directory).absolute(), owner
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DiskTierError(f"{self.directory}: cannot be the disk tier's directory "
+                                f"({type(e).__name__}: {e})") from e
         for path in self.directory.iterdir():
             if path.name.startswith(TEMPORARY_PREFIXES):
-                shutil.rmtree(path)
+                try:
+                    remove(path)
+                except OSError as e:
+                    log.warning("disk tier: %s: a leftover that cannot be removed (%s: %s)",
+                                path, type(e).__name__, e)
 
     def path(self, key: int) -> pathlib.Path:
         if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
@@ -193,32 +228,53 @@ class DiskTier:
         return sum(f.stat().st_size for key in self.keys() for f in self.path(key).rglob("*")
                    if f.is_file())
 
-    def save(self, key: int, entry: Entry) -> None:
-        """Store ``entry`` under ``key`` (replacing any entry of the key); returns once it is
-        complete on disk."""
+    def save(self, key: int, entry: Entry, digest: str = "") -> None:
+        """Store ``entry`` under ``key`` (replacing any entry of the key), ``digest`` naming the
+        tokens it holds; returns once it is complete on disk."""
         final = self.path(key)
         if not entry.chunks:
             raise ValueError(f"DiskTier.save({key}): the entry has no chunks to store")
         temporary, old = (self.directory / f"{prefix}{final.name}"
                           for prefix in TEMPORARY_PREFIXES)
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir()
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(temporary / ARRAYS, [{"k": list(c.k), "v": list(c.v)}
-                                                   for c in entry.chunks])
-            checkpointer.wait_until_finished()
-        (temporary / MANIFEST).write_text(manifest_text(manifest_of(entry, temporary / ARRAYS)))
-        if final.exists():
-            final.rename(old)
-        temporary.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            remove(temporary)
+            temporary.mkdir()
+            with ocp.StandardCheckpointer() as checkpointer:
+                checkpointer.save(temporary / ARRAYS, [{"k": list(c.k), "v": list(c.v)}
+                                                       for c in entry.chunks])
+                checkpointer.wait_until_finished()
+            (temporary / MANIFEST).write_text(manifest_text(
+                manifest_of(entry, temporary / ARRAYS, self.owner, digest)))
+            remove(old)
+            if final.exists() or final.is_symlink():
+                final.rename(old)
+            temporary.rename(final)
+        except Exception as e:  # the file system's faults, and orbax's wrappings of them
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise DiskTierError(f"{final}: not saved ({type(e).__name__}: {e})") from e
+        try:
+            remove(old)
+        except OSError as e:  # the entry is saved; the next DiskTier here removes the rest
+            log.warning("disk tier: %s: not removed (%s: %s)", old, type(e).__name__, e)
 
-    def load(self, key: int, device) -> Entry:
-        """The entry of ``key``, its chunks in ``device``'s pinned host memory."""
+    def load(self, key: int, device, tokens: Sequence[int] | None = None) -> Entry:
+        """The entry of ``key``, its chunks in ``device``'s pinned host memory. With
+        ``tokens``, the entry must hold the K,V of a prefix of them (its digest is checked)."""
         where = self.path(key)
         if not where.is_dir():
             raise DiskTierError(f"{where}: missing, expected the entry of key {key}")
         manifest = read_manifest(where / MANIFEST)
+        if manifest.get("owner") != self.owner:
+            raise DiskTierError(f"{where}: an entry of {manifest.get('owner')!r}, expected one "
+                                f"of this tier's owner {self.owner!r} (another model or cache "
+                                "geometry)")
+        if tokens is not None:
+            stored = int(manifest["tokens"])
+            if stored > len(tokens) or tokens_digest(tokens[:stored]) != \
+                    manifest.get("digest"):
+                raise DiskTierError(f"{where}: the K,V of {stored} tokens that are not the first "
+                                    f"of the {len(tokens)} it is loaded for (an entry of "
+                                    "another sequence)")
         check_files(where / ARRAYS, manifest["files"])
         arrays = restore(where / ARRAYS, manifest, device)
         chunks = [Chunk(int(c["first_block"]), tuple(a["k"]), tuple(a["v"]),
@@ -230,5 +286,8 @@ class DiskTier:
         where = self.path(key)
         if not where.is_dir():
             return False
-        shutil.rmtree(where)
+        try:
+            shutil.rmtree(where)
+        except OSError as e:
+            raise DiskTierError(f"{where}: not removed ({type(e).__name__}: {e})") from e
         return True

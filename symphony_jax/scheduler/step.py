@@ -176,12 +176,14 @@ def schedule(state: S.SchedulerState, now, *, limits: SchedulerConfig, policy: P
     r = dataclasses.replace(r, status=jnp.where(expired, S.EMPTY, r.status))
 
     is_waiting = lambda status: (status == S.WAITING) | (status == S.PREEMPTED)
-    # Layer groups a waiting slot misses that the host tier holds (all, or those a purge took)
-    missing = (is_waiting(r.status) & (r.host_tokens > 0))[None] & (table.num_tokens == 0)
+    known = r.prompt_len + r.num_generated
+    # Layer groups a waiting slot misses that the host tier holds (all, or those a purge took);
+    # never more tokens than the sequence has before its last (which it computes).
+    usable = is_waiting(r.status) & (r.host_tokens > 0) & (r.host_tokens < known)
+    missing = usable[None] & (table.num_tokens == 0)
     restorable = missing.any(axis=0)
     from_host = jnp.where(missing, r.host_tokens, 0)  # i32[G, R]: restored if the slot runs
     cached = jnp.where(restorable, r.host_tokens, table.num_tokens[0])
-    known = r.prompt_len + r.num_generated
     active = (r.status == S.RUNNING) | is_waiting(r.status)
     order = _order(r, known, cached, policy)
     position = jnp.zeros(R, i32).at[order].set(slots)  # rank of each slot in the order

@@ -176,7 +176,6 @@ class Simulator:
         self.history: dict[int, int] = {}  # each session's tokens so far
         self.running: dict[int, SimRequest] = {}
         self.queued: dict[int, collections.deque] = collections.defaultdict(collections.deque)
-        self.advised_at: dict[int, float] = {}
         self.migrating: dict[int, _Migration] = {}  # by session
         self.migrations: list[_Migration] = []
         self.unclaimed: dict[int, list[_Migration]] = {}
@@ -321,7 +320,8 @@ class Simulator:
         history = self.history.get(session, 0)
         request = SimRequest(row, session, int(w.turn_index[row]),
                              history + int(w.input_tokens[row]), history,
-                             int(w.output_tokens[row]), t, self.advised_at.pop(session, math.nan))
+                             int(w.output_tokens[row]), t,
+                             self.scheduler.advisory_time(session, t))
         self.requests[row] = request
         if session in self.running:
             self.queued[session].append(request)
@@ -372,7 +372,7 @@ class Simulator:
             self._dispatch(self.queued[session].popleft(), t)
 
     def _on_advisory(self, t: float, session: int) -> None:
-        self.advised_at.setdefault(session, t)
+        self.scheduler.note_advisory(session, t)
         if self.system.hints == "migrate" and session not in self.running:
             self._migrate(session, self.scheduler.advise(session, t), t)
 

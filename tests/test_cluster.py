@@ -14,7 +14,8 @@ import pytest
 
 from symphony_jax.cluster import SYSTEMS, Cluster, ClusterConfig, System, run, system
 from symphony_jax.cluster import placement
-from symphony_jax.cluster.global_scheduler import ADVISED_FOR_S, GlobalScheduler
+from symphony_jax.cluster.global_scheduler import (ADVICE_KEPT_S, ADVISED_FOR_S,
+                                                   GlobalScheduler)
 from symphony_jax.cluster.placement import CACHE_SLACK
 from symphony_jax.cluster.replay import CompileFreeClock, turn_tokens
 from symphony_jax.config import CacheConfig, EngineConfig, SchedulerConfig, model_preset
@@ -365,9 +366,12 @@ def test_advisories_never_followed_expire_and_a_flood_costs_linear_time():
     assert scheduler.advisory_time(7, now=2.0) == 1.0  # its request came: when it was advised
     scheduler.note_advisory(20_001, now=30.0)
     later = scheduler.loads(now=1.0 + ADVISED_FOR_S)  # the flood's requests never came
-    assert later.decoding.sum() == 0 and not scheduler.advised
-    assert list(scheduler.advised_at) == [20_001]  # bounded memory
-    assert np.isnan(scheduler.advisory_time(8, now=1.0 + ADVISED_FOR_S))
+    assert later.decoding.sum() == 0 and not scheduler.counted
+    pick = scheduler.advised[9][0]  # no longer counted, still kept: its request goes there
+    assert scheduler.place(9, now=2.0 + ADVISED_FOR_S) == pick
+    scheduler.loads(now=1.0 + ADVICE_KEPT_S)
+    assert not scheduler.advised and list(scheduler.advised_at) == [20_001]  # bounded memory
+    assert np.isnan(scheduler.advisory_time(8, now=1.0 + ADVICE_KEPT_S))
 
 
 def test_a_seeded_cluster_run_with_migrations_is_reproducible(params):

@@ -5,9 +5,9 @@ kept there) and each node's queued work (``placement.NodeLoads``), and applies t
 placement policy. With ``hints="migrate"`` an advisory picks the node for the session's next
 request ahead of it (by the placement policy at that moment, wherever the K,V is: it is about
 to move). Until the request comes it counts in that node's load as a request generating (for
-``ADVISED_FOR_S`` at most: a false advisory's request never comes, and the advisory is then
-forgotten), so that advisories arriving together do not all pick the node that was least loaded
-before them. The request goes to the
+``ADVISED_FOR_S`` at most: a false advisory's request never comes; the advisory itself is
+forgotten after ``ADVICE_KEPT_S``), so that advisories arriving together do not all pick the
+node that was least loaded before them. The request goes to the
 advised node unless, by the time it arrives, that node has ``CACHE_SLACK`` steps' worth more work
 queued than the least loaded one; then the placement policy picks again and the K,V follows on
 request. A pick is a forecast: work queued when the advisory came (a long prompt being
@@ -26,7 +26,8 @@ import numpy as np
 from symphony_jax.cluster.placement import CACHE_SLACK, PLACEMENTS, NodeLoads
 from symphony_jax.cluster.systems import System
 
-ADVISED_FOR_S = 60.0  # an advisory is kept (its request counted in its node's load) this long
+ADVISED_FOR_S = 60.0  # an advised request counts in its node's load this long at most
+ADVICE_KEPT_S = 600.0  # an advisory whose request has not come is forgotten after this long
 
 @dataclasses.dataclass
 class KVLocation:
@@ -40,11 +41,14 @@ class GlobalScheduler:
         self.system, self.place_fn = system, PLACEMENTS[system.placement]
         self.step_tokens, self.step_seqs = step_tokens, step_seqs
         self.where: dict[int, KVLocation] = {}
-        # Unexpired advisories, oldest first: session -> (node picked, when) (``hints``
-        # "migrate"), and session -> when first advised since its last request (any system).
+        # Advisories kept (``ADVICE_KEPT_S``), oldest first: session -> (node picked, when)
+        # (``hints`` "migrate"), and session -> when first advised since its last request (any
+        # system); of the picks, those counted in their node's load (``ADVISED_FOR_S``), and
+        # their count per node.
         self.advised: dict[int, tuple[int, float]] = {}
         self.advised_at: dict[int, float] = {}
-        self.expected = np.zeros(num_nodes, np.int64)  # of ``advised``, picks of each node
+        self.counted: dict[int, int] = {}
+        self.expected = np.zeros(num_nodes, np.int64)
         self.prefill = np.zeros(num_nodes, np.int64)
         self.decoding = np.zeros(num_nodes, np.int64)
         self.alive = np.ones(num_nodes, bool)
@@ -88,6 +92,7 @@ class GlobalScheduler:
             self._unadvise(session_id)
             node = self.place_fn(self.loads(now), -1, self.placed)
             self.advised[session_id] = (node, now)
+            self.counted[session_id] = node
             self.expected[node] += 1
         return node
 
@@ -100,30 +105,36 @@ class GlobalScheduler:
 
     def advisory_time(self, session_id: int, now: float) -> float:
         """When ``session_id``'s request arriving now was first advised (nan: it was not, or
-        longer than ``ADVISED_FOR_S`` ago)."""
+        longer than ``ADVICE_KEPT_S`` ago)."""
         self._expire(now)
         return self.advised_at.pop(session_id, math.nan)
 
     def _unadvise(self, session_id: int) -> int:
         """Forget ``session_id``'s pick; returns its node (-1: none)."""
         node, _ = self.advised.pop(session_id, (-1, 0.0))
-        if node >= 0:
-            self.expected[node] -= 1
+        self._uncount(session_id)
         return node
 
+    def _uncount(self, session_id: int) -> None:
+        node = self.counted.pop(session_id, -1)
+        if node >= 0:
+            self.expected[node] -= 1
+
     def _expire(self, now: float) -> None:
-        """Forget advisories older than ``ADVISED_FOR_S`` (their requests did not come): both
-        tables are in time order, so this costs what it forgets."""
-        while self.advised:
-            session, (_, at) = next(iter(self.advised.items()))
-            if now - at < ADVISED_FOR_S:
+        """Stop counting picks older than ``ADVISED_FOR_S`` and forget advisories older than
+        ``ADVICE_KEPT_S`` (their requests did not come). The tables are in time order, so
+        this costs what it drops."""
+        while self.counted:
+            session = next(iter(self.counted))
+            if now - self.advised[session][1] < ADVISED_FOR_S:
                 break
-            self._unadvise(session)
-        while self.advised_at:
-            session, at = next(iter(self.advised_at.items()))
-            if now - at < ADVISED_FOR_S:
-                break
-            del self.advised_at[session]
+            self._uncount(session)
+        for table, when in ((self.advised, lambda v: v[1]), (self.advised_at, lambda v: v)):
+            while table:
+                session, value = next(iter(table.items()))
+                if now - when(value) < ADVICE_KEPT_S:
+                    break
+                del table[session]
 
     # ------------------------------------------------------------ accounting
 
@@ -163,5 +174,6 @@ class GlobalScheduler:
         for s in lost:
             del self.where[s]
         self.advised = {s: pick for s, pick in self.advised.items() if pick[0] != node}
+        self.counted = {s: n for s, n in self.counted.items() if n != node}
         self.expected[node] = 0
         return lost

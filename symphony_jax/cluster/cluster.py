@@ -375,10 +375,8 @@ class Cluster:
         return any(m.session_id == session for m in self.migrations)
 
     def _poll_migrations(self) -> None:
-        if self.copy_completion == "next_step":
-            for m in self.migrations:
-                transfer.Transfer(m.chunks).wait()
-        for m in [m for m in self.migrations if transfer.Transfer(m.chunks).is_ready()]:
+        for m in [m for m in self.migrations
+                  if transfer.Transfer(m.chunks).complete(self.copy_completion)]:
             self.migrations.remove(m)
             self._complete(m)
 

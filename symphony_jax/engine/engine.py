@@ -34,7 +34,7 @@ from symphony_jax.config import EngineConfig
 from symphony_jax.engine import device_step, hashing, validation
 from symphony_jax.engine.device_step import (CACHED, COMPUTED, FINISHED, NUM_COUNTS, RECOMPUTED,
                                               REQUEST, SAMPLED, SLOT, TOKEN)
-from symphony_jax.engine.host_kv import COPY_COMPLETION, HostKV
+from symphony_jax.engine.host_kv import HostKV
 from symphony_jax.engine.sampling import SamplingParams, SamplingTable
 from symphony_jax.memory import kv_cache, transfer
 from symphony_jax.memory.disk_tier import DiskTier
@@ -131,9 +131,9 @@ class Engine:
         self.host = None
         put = lambda tree: jax.device_put(tree, self.device_)
         self.params = put(params)
-        if copy_completion not in COPY_COMPLETION:
+        if copy_completion not in transfer.COPY_COMPLETION:
             raise ValueError(f"Engine: copy_completion={copy_completion!r}, expected one of "
-                             f"{COPY_COMPLETION}")
+                             f"{transfer.COPY_COMPLETION}")
         if policy.uses_host:
             disk = None if disk_dir is None else DiskTier(
                 disk_dir, owner=hashing.kv_owner(config, self.params))
@@ -510,9 +510,11 @@ class Engine:
         if not batch:
             return len(taken)
         n = self.admit_batch
-        pad = lambda column: np.concatenate([column, np.zeros((n - len(batch),
-                                                               *column.shape[1:]), column.dtype)])
-        prompts, keys, roots = (pad(np.stack(column)) for column in list(zip(*rows))[:3])
+        prompts = np.zeros((n, self.config.scheduler.max_model_len), np.int32)
+        keys = np.zeros((n, *self.device.block_keys.shape[1:]), np.uint32)
+        roots = np.zeros(n, np.uint32)
+        for i, (prompt, block_keys, root, _) in enumerate(rows):
+            prompts[i, :len(prompt)], keys[i], roots[i] = prompt, block_keys, root
         padding = SamplingTable.rows([], [], (), self.max_stop_ids, n - len(batch))
         sampling = jax.tree.map(lambda *column: np.concatenate(column),
                                 *[row[3] for row in rows], padding)
@@ -543,10 +545,9 @@ class Engine:
 
     def _admission_row(self, r: _Request) -> tuple[np.ndarray, np.ndarray, np.uint32,
                                                    SamplingTable]:
-        """``device_step.admit``'s row of ``r``: its prompt (i32[max_model_len]), block keys,
-        salt's root tag and sampling row (a one-row ``SamplingTable``)."""
-        prompt = np.zeros(self.config.scheduler.max_model_len, np.int32)
-        prompt[: len(r.prompt)] = r.prompt
+        """``device_step.admit``'s row of ``r``: its prompt (i32, unpadded), block keys, salt's
+        root tag and sampling row (a one-row ``SamplingTable``)."""
+        prompt = np.asarray(r.prompt, np.int32)
         seed = r.request_id if r.sampling.seed is None else r.sampling.seed
         sampling = SamplingTable.rows([r.sampling], [seed], self.eos_token_ids,
                                       self.max_stop_ids, 1)

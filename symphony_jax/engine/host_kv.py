@@ -47,7 +47,6 @@ from symphony_jax.scheduler import batch, tiers
 from symphony_jax.scheduler import state as S
 from symphony_jax.scheduler.policy import Policy
 
-COPY_COMPLETION = ("polled", "next_step")
 log = logging.getLogger(__name__)
 
 
@@ -82,11 +81,9 @@ class HostKV:
                  copy_completion: str = "polled"):
         """``sessions``: each slot's session (``state.NO_SESSION``: none), kept current by the
         engine; ``tokens_of(slot)``: the token ids of the slot's sequence known so far.
-        ``copy_completion``: ``"polled"``, a copy counts as complete at the first ``poll`` that
-        finds it ready (as soon as possible; when depends on timing); ``"next_step"``, at the
-        first ``poll`` after it was dispatched, waiting for it there (a run's decisions then
-        depend only on its inputs: reproducible)."""
-        self.tokens_of, self.deterministic = tokens_of, copy_completion == "next_step"
+        ``copy_completion``: when a copy counts as complete at a ``poll``
+        (``transfer.Transfer.complete``)."""
+        self.tokens_of, self.copy_completion = tokens_of, copy_completion
         model, cache = config.model, config.cache
         block_bytes = (2 * model.num_layers * model.num_kv_heads * cache.block_size
                        * model.head_dim * np.dtype(model.dtype).itemsize)
@@ -158,7 +155,7 @@ class HostKV:
     def poll(self, device: DeviceState, free_blocks: int) -> DeviceState:
         """Apply what completed: stored copies, loads now on the device (scattered into the
         pool), and losses; then prefetch migrated sessions into ``free_blocks`` blocks."""
-        ready = [self._complete(c.transfer) for c in self.offloading]
+        ready = [c.transfer.complete(self.copy_completion) for c in self.offloading]
         done = [c for c, r in zip(self.offloading, ready) if r]
         self.offloading = [c for c, r in zip(self.offloading, ready) if not r]
         for c in done:
@@ -168,7 +165,8 @@ class HostKV:
                 if c.migrated:
                     self.to_prefetch.add(c.slot)
         pool, table = device.pool, device.scheduler.blocks.block_ids
-        loaded = [s for s, c in self.loading.items() if self._complete(c.transfer)]
+        loaded = [s for s, c in self.loading.items()
+                  if c.transfer.complete(self.copy_completion)]
         for slot in loaded:
             self.prefetching.discard(slot)
             for chunk in self.loading.pop(slot).transfer.chunks:
@@ -208,13 +206,6 @@ class HostKV:
         return loads
 
     # ------------------------------------------------------------ internals
-
-    def _complete(self, copy: transfer.Transfer) -> bool:
-        """Whether ``copy`` counts as complete now (``copy_completion``)."""
-        if self.deterministic:
-            copy.wait()
-            return True
-        return copy.is_ready()
 
     def _padded(self, slots, values=None) -> tuple[jnp.ndarray, ...]:
         R = self.config.scheduler.slots
@@ -360,8 +351,6 @@ class HostKV:
     def _save_to_disk(self, session: int, entry, tokens: list[int]) -> None:
         """Save ``session``'s host ``entry`` (the K,V of the first ``entry.tokens`` of
         ``tokens``); a fault loses it."""
-        if len(tokens) < entry.tokens:
-            return  # cannot happen: the K,V of a token is computed after the token is known
         jax.block_until_ready([(c.k, c.v) for c in entry.chunks])
         try:
             self.disk.save(session, entry, tokens_digest(tokens[:entry.tokens]))

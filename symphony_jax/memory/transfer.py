@@ -86,6 +86,18 @@ class Transfer:
         jax.block_until_ready([(c.k, c.v) for c in self.chunks])
         return self.chunks
 
+    def complete(self, copy_completion: str) -> bool:
+        """Whether the copy counts as complete now, checked at a step boundary:
+        ``"polled"``, once ready (as soon as possible; when depends on timing); ``"next_step"``,
+        always, waiting for it (decisions then depend only on the run's inputs)."""
+        if copy_completion == "next_step":
+            self.wait()
+            return True
+        return self.is_ready()
+
+
+COPY_COMPLETION = ("polled", "next_step")  # ``Transfer.complete``'s modes
+
 
 def split(first_block: int, num_blocks: int, largest: int) -> list[tuple[int, int]]:
     """``[first_block, first_block + num_blocks)`` as runs ``(first, n)`` of power-of-two
